@@ -1,0 +1,167 @@
+"""XCosLayer: the explainable cosine of Lin et al., "xCos" (ACM TOMM 2021)."""
+import keras
+import numpy as np
+from keras import ops
+
+ATTENTION_MODES = ("learned", "uniform", "fixed")
+_EPSILON = 1e-6
+
+
+def _conv_bn_prelu(filters, dtype_policy, name):
+    return [
+        keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, dtype=dtype_policy, name=f"{name}_conv"),
+        keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9, dtype=dtype_policy, name=f"{name}_bn"),
+        keras.layers.PReLU(shared_axes=[1, 2], dtype=dtype_policy, name=f"{name}_prelu"),
+    ]
+
+
+def _build_stack(stack, input_shape):
+    for layer in stack:
+        layer.build(input_shape)
+        input_shape = layer.compute_output_shape(input_shape)
+    return input_shape
+
+
+def _run_stack(stack, x, training):
+    for layer in stack:
+        x = layer(x, training=training) if isinstance(layer, keras.layers.BatchNormalization) else layer(x)
+    return x
+
+
+@keras.saving.register_keras_serializable(package="xcos_tf")
+class XCosLayer(keras.layers.Layer):
+    """Compares two grids of face cells and says which cells matched and which counted.
+
+    `cos_map[i, j]` is the cosine of the two faces' cells at (i, j) (0 for an all-zero
+    cell). `attention_map` weighs the cells and sums to 1. `score = sum(cos_map *
+    attention_map)`, a similarity in [-1, 1] that reads like a cosine.
+
+    Args:
+        attention: str, one of `"learned"` (the paper's attention module: a shared
+            conv3x3 -> 16 + BN + PReLU on each grid, concatenated, conv3x3 -> 16 and
+            conv3x3 -> 1 with BN + PReLU each, softmax over the cells), `"uniform"` (the
+            paper's plain patched cosine, 1 / cells each) or `"fixed"` (a given weight
+            map, the paper's "correlated" variant). Defaults to `"learned"`.
+        fixed_weights: array-like of shape `(H, W)`, non-negative, not all zero; required
+            with `attention="fixed"` and normalised to sum 1.
+        symmetric: bool, with learned attention average the attention logits of both
+            input orders, so that `score(a, b) == score(b, a)`. `False` is the paper's
+            exact form. Defaults to `True`.
+        temperature: float > 0, divides the attention logits before the softmax.
+            Defaults to `1.0`.
+        **kwargs: other keyword arguments passed to `keras.layers.Layer`.
+
+    Call arguments:
+        grid_a: float tensor of shape `(batch, H, W, C)`.
+        grid_b: float tensor of the same shape.
+        training: bool, whether the attention's batch normalisation uses batch statistics.
+
+    Returns:
+        A dict with `"score"` `(batch,)`, `"cos_map"` `(batch, H, W)` and
+        `"attention_map"` `(batch, H, W)`, all float32.
+
+    Example:
+    >>> layer = XCosLayer(attention="uniform")
+    >>> grid = keras.random.normal((2, 7, 7, 32))
+    >>> layer(grid, grid)["score"]  # identical faces
+    [1., 1.]
+
+    Reference:
+        Lin et al., "xCos: An Explainable Cosine Metric for Face Verification Task",
+        ACM TOMM 2021 (arXiv:2003.05383).
+    """
+
+    def __init__(self, attention="learned", fixed_weights=None, symmetric=True, temperature=1.0, **kwargs):
+        super().__init__(**kwargs)
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"`attention` must be one of {ATTENTION_MODES}. Received: attention={attention!r}")
+        if (attention == "fixed") != (fixed_weights is not None):
+            raise ValueError(
+                "`fixed_weights` is required with attention='fixed' and only then. "
+                f"Received: attention={attention!r}, fixed_weights={fixed_weights!r}"
+            )
+        if not temperature > 0:
+            raise ValueError(f"`temperature` must be > 0. Received: temperature={temperature}")
+        if fixed_weights is not None:
+            weights = np.asarray(fixed_weights, dtype="float64")
+            if weights.ndim != 2 or (weights < 0).any() or not np.isfinite(weights).all() or weights.sum() <= 0:
+                raise ValueError(
+                    "`fixed_weights` must be a finite, non-negative (H, W) map that is not all zero. "
+                    f"Received: fixed_weights with shape {weights.shape}"
+                )
+            fixed_weights = (weights / weights.sum()).tolist()
+        self.attention = attention
+        self.fixed_weights = fixed_weights
+        self.symmetric = symmetric
+        self.temperature = float(temperature)
+
+    def build(self, grid_a_shape, grid_b_shape=None):
+        grid_shape = tuple(grid_a_shape)
+        if self.attention == "fixed" and tuple(np.shape(self.fixed_weights)) != grid_shape[1:3]:
+            raise ValueError(
+                f"`fixed_weights` has shape {np.shape(self.fixed_weights)} but the grid is "
+                f"{grid_shape[1:3]}."
+            )
+        if self.attention != "learned":
+            return
+        # `shared` runs on each face's grid alone, `fuse` on the two concatenated.
+        self._shared = _conv_bn_prelu(16, self.dtype_policy, "shared")
+        shared_shape = _build_stack(self._shared, grid_shape)
+        self._fuse = _conv_bn_prelu(16, self.dtype_policy, "fuse") + _conv_bn_prelu(1, self.dtype_policy, "logit")
+        _build_stack(self._fuse, shared_shape[:-1] + (2 * shared_shape[-1],))
+
+    def _attention_logits(self, shared_a, shared_b, training):
+        fused = ops.concatenate([shared_a, shared_b], axis=-1)
+        return ops.cast(_run_stack(self._fuse, fused, training)[..., 0], "float32")
+
+    def _attention_map(self, grid_a, grid_b, training):
+        batch = ops.shape(grid_a)[0]
+        height, width = ops.shape(grid_a)[1], ops.shape(grid_a)[2]
+        if self.attention == "uniform":
+            return ops.ones((batch, height, width), "float32") / ops.cast(height * width, "float32")
+        if self.attention == "fixed":
+            weights = ops.convert_to_tensor(self.fixed_weights, "float32")
+            return ops.broadcast_to(weights[None], (batch, height, width))
+        shared_a = _run_stack(self._shared, grid_a, training)
+        shared_b = _run_stack(self._shared, grid_b, training)
+        logits = self._attention_logits(shared_a, shared_b, training)
+        if self.symmetric:
+            logits = 0.5 * (logits + self._attention_logits(shared_b, shared_a, training))
+        flat = ops.softmax(ops.reshape(logits / self.temperature, (batch, -1)), axis=-1)
+        return ops.reshape(flat, (batch, height, width))
+
+    def call(self, grid_a, grid_b, training=False):
+        grid_a = ops.cast(grid_a, self.compute_dtype)
+        grid_b = ops.cast(grid_b, self.compute_dtype)
+        # Cosines in float32 with clamped norms: all-zero cells give 0, not NaN.
+        a32, b32 = ops.cast(grid_a, "float32"), ops.cast(grid_b, "float32")
+        norm_a = ops.maximum(ops.sqrt(ops.sum(ops.square(a32), axis=-1)), _EPSILON)
+        norm_b = ops.maximum(ops.sqrt(ops.sum(ops.square(b32), axis=-1)), _EPSILON)
+        cos_map = ops.clip(ops.sum(a32 * b32, axis=-1) / (norm_a * norm_b), -1.0, 1.0)
+        attention_map = self._attention_map(grid_a, grid_b, training)
+        score = ops.sum(cos_map * attention_map, axis=(1, 2))
+        return {"score": score, "cos_map": cos_map, "attention_map": attention_map}
+
+    def compute_output_shape(self, grid_a_shape, grid_b_shape=None):
+        map_shape = tuple(grid_a_shape[:3])
+        return {"score": map_shape[:1], "cos_map": map_shape, "attention_map": map_shape}
+
+    def compute_output_spec(self, grid_a, grid_b, training=False):
+        map_shape = tuple(grid_a.shape[:3])
+        return {
+            "score": keras.KerasTensor(map_shape[:1], dtype="float32"),
+            "cos_map": keras.KerasTensor(map_shape, dtype="float32"),
+            "attention_map": keras.KerasTensor(map_shape, dtype="float32"),
+        }
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "attention": self.attention,
+                "fixed_weights": self.fixed_weights,
+                "symmetric": self.symmetric,
+                "temperature": self.temperature,
+            }
+        )
+        return config

@@ -1,0 +1,254 @@
+"""The xCos training model and the inference models built from it."""
+import collections
+import os
+
+import keras
+from keras import ops
+
+from xcos_tf import layers
+
+MARGIN_HEADS = {"cosface": layers.CosFace, "arcface": layers.ArcFace}
+UNLABELLED = -1  # label of a face with no known identity: it gets no margin-softmax loss
+
+Verifier = collections.namedtuple("Verifier", ["verify", "embed", "compare"])
+Verifier.__doc__ = """The three inference models that share one set of weights.
+
+verify: {"image_a", "image_b"} (RGB pixels 0..255) -> {"score", "cos_map", "attention_map"}
+embed: {"image"} -> {"embedding" (L2-normalised, flattened grid), "grid"}
+compare: {"grid_a", "grid_b"} -> {"score", "cos_map", "attention_map"}
+"""
+
+
+@keras.saving.register_keras_serializable(package="xcos_tf")
+class XCosTrainer(keras.Model):
+    """Backbone -> GridHead -> (margin head on each face, XCosLayer on the pair).
+
+    The loss is `ce_weight * CE(both faces) + xcos_weight * MSE(score, teacher_cos)`:
+    the margin softmax keeps the grid an identity embedding and the MSE teaches the
+    xCos score to agree with a frozen teacher's cosine. Faces labelled `UNLABELLED`
+    (-1) contribute only to the MSE term.
+
+    Args:
+        backbone: `keras.Model`, aligned face (RGB 0..255) -> (H, W, C) feature map.
+        num_classes: int, identities seen by the margin head.
+        grid_channels: int, channels per grid cell. Defaults to 32.
+        margin: str, `"cosface"` or `"arcface"`. Defaults to `"cosface"`.
+        margin_scale: optional float, the head's scale (its default when None).
+        margin_value: optional float, the head's margin (its default when None).
+        attention: str, the XCosLayer attention mode. Defaults to `"learned"`.
+        symmetric: bool, symmetric attention. Defaults to True.
+        ce_weight: float, weight of the margin-softmax loss. Defaults to 1.
+        xcos_weight: float, weight of the MSE to the teacher cosine. Defaults to 1.
+        **kwargs: other keyword arguments passed to `keras.Model`.
+
+    Call arguments:
+        inputs: dict with `"image_a"`, `"image_b"` (batch, H, W, 3) and optionally
+            `"label_a"`, `"label_b"` (batch,) int labels (the margin needs them).
+
+    Returns a dict with the XCosLayer outputs plus `"logits"` (2 * batch, classes: faces
+    a then faces b) and `"embedding"` (2 * batch, cells * channels).
+
+    Example:
+    >>> trainer = XCosTrainer(xcos_tf.backbones.get("mobilefacenet"), num_classes=100)
+    >>> trainer.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9),
+    ...                 attention_optimizer=keras.optimizers.Adam(1e-3))
+    >>> trainer.fit(pairs_dataset)  # dicts with image_a/b, label_a/b, teacher_cos
+    """
+
+    def __init__(
+        self,
+        backbone,
+        num_classes,
+        grid_channels=32,
+        margin="cosface",
+        margin_scale=None,
+        margin_value=None,
+        attention="learned",
+        fixed_weights=None,
+        symmetric=True,
+        ce_weight=1.0,
+        xcos_weight=1.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if margin not in MARGIN_HEADS:
+            raise ValueError(f"`margin` must be one of {tuple(MARGIN_HEADS)}. Received: margin={margin!r}")
+        if ce_weight < 0 or xcos_weight < 0 or ce_weight + xcos_weight == 0:
+            raise ValueError(
+                f"Loss weights must be >= 0 and not both 0. Received: ce_weight={ce_weight}, xcos_weight={xcos_weight}"
+            )
+        # === Layers ===
+        self.backbone = backbone
+        self.grid_head = layers.GridHead(grid_channels, name="grid_head")
+        self.xcos = layers.XCosLayer(
+            attention=attention, fixed_weights=fixed_weights, symmetric=symmetric, name="xcos"
+        )
+        head_args = {}
+        if margin_scale is not None:
+            head_args["scale"] = margin_scale
+        if margin_value is not None:
+            head_args["margin"] = margin_value
+        self.margin_head = MARGIN_HEADS[margin](num_classes, dtype="float32", name="margin_head", **head_args)
+        self.attention_optimizer = None
+        # === Config ===
+        self.num_classes = num_classes
+        self.grid_channels = grid_channels
+        self.margin = margin
+        self.margin_scale = margin_scale
+        self.margin_value = margin_value
+        self.attention = attention
+        self.fixed_weights = fixed_weights
+        self.symmetric = symmetric
+        self.ce_weight = float(ce_weight)
+        self.xcos_weight = float(xcos_weight)
+
+    def call(self, inputs, training=False):
+        image_a, image_b = inputs["image_a"], inputs["image_b"]
+        # One backbone pass over both faces of every pair.
+        grid = self.grid_head(self.backbone(ops.concatenate([image_a, image_b], 0), training=training), training=training)
+        grid_a, grid_b = ops.split(grid, 2, axis=0)
+        embedding = _flat_unit(grid)
+        labels = None
+        if "label_a" in inputs and "label_b" in inputs:
+            labels = ops.maximum(ops.concatenate([inputs["label_a"], inputs["label_b"]], 0), 0)
+        outputs = dict(self.xcos(grid_a, grid_b, training=training))
+        outputs["logits"] = self.margin_head(embedding, labels, training=training)
+        outputs["embedding"] = embedding
+        return outputs
+
+    def compute_loss_terms(self, batch, outputs):
+        """Per-replica mean loss terms of a batch of pairs: loss, ce_loss, xcos_loss."""
+        labels = ops.cast(ops.concatenate([batch["label_a"], batch["label_b"]], 0), "int32")
+        labelled = ops.cast(labels != UNLABELLED, "float32")
+        ce = keras.losses.sparse_categorical_crossentropy(
+            ops.maximum(labels, 0), outputs["logits"], from_logits=True
+        )
+        ce_loss = ops.sum(ce * labelled) / ops.maximum(ops.sum(labelled), 1.0)
+        teacher_cos = ops.cast(batch["teacher_cos"], "float32")
+        xcos_loss = ops.mean(ops.square(outputs["score"] - teacher_cos))
+        loss = self.ce_weight * ce_loss + self.xcos_weight * xcos_loss
+        return {"loss": loss, "ce_loss": ce_loss, "xcos_loss": xcos_loss}
+
+    def compile(self, optimizer="sgd", attention_optimizer=None, **kwargs):
+        """As `keras.Model.compile`, plus an optional separate optimizer for the attention.
+
+        The paper trains the backbone, grid head and margin head by SGD with momentum and
+        the attention module by Adam; one optimizer for everything is the default.
+        """
+        super().compile(optimizer=optimizer, **kwargs)
+        self.attention_optimizer = keras.optimizers.get(attention_optimizer) if attention_optimizer else None
+
+    def optimizer_groups(self):
+        """(optimizer, variables) pairs that together cover every trainable variable once."""
+        if self.attention_optimizer is None:
+            return [(self.optimizer, self.trainable_variables)]
+        attention_ids = {id(v) for v in self.xcos.trainable_variables}
+        rest = [v for v in self.trainable_variables if id(v) not in attention_ids]
+        return [(self.optimizer, rest), (self.attention_optimizer, self.xcos.trainable_variables)]
+
+    def apply_loss_gradients(self, tape, loss):
+        """Differentiates `loss` (recorded on `tape`) and steps each optimizer on its variables."""
+        groups = [(opt, variables) for opt, variables in self.optimizer_groups() if variables]
+        all_variables = [v for _, variables in groups for v in variables]
+        gradients = tape.gradient(loss, all_variables)
+        start = 0
+        for optimizer, variables in groups:
+            optimizer.apply(gradients[start : start + len(variables)], variables)
+            start += len(variables)
+
+    def train_step(self, data):
+        import tensorflow as tf  # train_step is TF-backend specific: it needs a GradientTape
+
+        with tf.GradientTape() as tape:
+            outputs = self(data, training=True)
+            terms = self.compute_loss_terms(data, outputs)
+            scaled_loss = self.optimizer.scale_loss(terms["loss"])
+        self.apply_loss_gradients(tape, scaled_loss)
+        return terms
+
+    def test_step(self, data):
+        return self.compute_loss_terms(data, self(data, training=False))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "backbone": keras.saving.serialize_keras_object(self.backbone),
+                "num_classes": self.num_classes,
+                "grid_channels": self.grid_channels,
+                "margin": self.margin,
+                "margin_scale": self.margin_scale,
+                "margin_value": self.margin_value,
+                "attention": self.attention,
+                "fixed_weights": self.fixed_weights,
+                "symmetric": self.symmetric,
+                "ce_weight": self.ce_weight,
+                "xcos_weight": self.xcos_weight,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
+        return cls(**config)
+
+
+def _flat_unit(grid):
+    """The identity embedding: the flattened grid, L2-normalised."""
+    flat = ops.reshape(grid, (ops.shape(grid)[0], -1))
+    flat = ops.cast(flat, "float32")
+    return flat / ops.maximum(ops.norm(flat, axis=-1, keepdims=True), 1e-12)
+
+
+def build_trainer(backbone, num_classes, image_shape=(112, 112, 3), **kwargs):
+    """Builds an `XCosTrainer` with all its weights created (needed before restoring)."""
+    trainer = XCosTrainer(backbone, num_classes, **kwargs)
+    images = ops.zeros((1,) + tuple(image_shape))
+    labels = ops.zeros((1,), "int32")
+    trainer({"image_a": images, "image_b": images, "label_a": labels, "label_b": labels})
+    return trainer
+
+
+def build_verifier(trainer_or_weights):
+    """The inference models (`Verifier`) of a trainer, or of a trainer saved as `.keras`.
+
+    The training-only margin head is dropped; verify, embed and compare share the
+    backbone, grid head and XCosLayer weights.
+    """
+    trainer = trainer_or_weights
+    if isinstance(trainer, (str, os.PathLike)):
+        path = os.fspath(trainer)
+        if not path.endswith(".keras") or not os.path.isfile(path):
+            raise ValueError(f"Expected an XCosTrainer or an existing `.keras` file. Received: {path!r}")
+        trainer = keras.saving.load_model(path, compile=False)
+    if not isinstance(trainer, XCosTrainer):
+        raise ValueError(f"Expected an XCosTrainer. Received: {type(trainer).__name__}")
+    image_shape = tuple(trainer.backbone.input_shape[1:])
+    grid_shape = tuple(trainer.grid_head.compute_output_shape(trainer.backbone.output_shape)[1:])
+
+    def grid_of(image):
+        return trainer.grid_head(trainer.backbone(image, training=False), training=False)
+
+    def named(outputs):
+        # Identity layers give the dict outputs stable, signature-friendly names.
+        return {key: keras.layers.Identity(name=key)(value) for key, value in outputs.items()}
+
+    image = keras.Input(image_shape, name="image")
+    grid = grid_of(image)
+    embedding = keras.layers.UnitNormalization(name="unit_norm")(keras.layers.Flatten(name="flatten")(grid))
+    embed = keras.Model({"image": image}, named({"embedding": embedding, "grid": grid}), name="embed")
+
+    grid_a, grid_b = keras.Input(grid_shape, name="grid_a"), keras.Input(grid_shape, name="grid_b")
+    compare = keras.Model(
+        {"grid_a": grid_a, "grid_b": grid_b}, named(trainer.xcos(grid_a, grid_b, training=False)), name="compare"
+    )
+
+    image_a, image_b = keras.Input(image_shape, name="image_a"), keras.Input(image_shape, name="image_b")
+    verify = keras.Model(
+        {"image_a": image_a, "image_b": image_b},
+        named(trainer.xcos(grid_of(image_a), grid_of(image_b), training=False)),
+        name="verify",
+    )
+    return Verifier(verify=verify, embed=embed, compare=compare)
