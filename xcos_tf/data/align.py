@@ -77,6 +77,20 @@ def decode_image(data, name="<bytes>"):
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+def encode_image(image_rgb, image_format="jpeg", jpeg_quality=95):
+    """RGB uint8 [H, W, 3] -> JPEG or PNG bytes (the same bytes for the same pixels)."""
+    extensions = {"jpeg": ".jpg", "png": ".png"}
+    if image_format not in extensions:
+        raise ValueError(f"`image_format` must be 'jpeg' or 'png'. Received: {image_format!r}")
+    params = [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)] if image_format == "jpeg" else []
+    ok, data = cv2.imencode(
+        extensions[image_format], cv2.cvtColor(_check_image(image_rgb), cv2.COLOR_RGB2BGR), params
+    )
+    if not ok:
+        raise ImageError(f"OpenCV could not encode a {image_rgb.shape} image as {image_format}")
+    return data.tobytes()
+
+
 def read_image(path):
     """Reads an image file as RGB uint8 [H, W, 3]; raises `ImageError` naming the file."""
     path = os.fspath(path)
