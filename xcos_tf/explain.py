@@ -20,8 +20,10 @@ import json
 import os
 import pathlib
 import sys
+import types
 
 import matplotlib
+from absl import app, flags
 
 matplotlib.use("Agg")  # files only, never a window; must precede any pyplot import
 
@@ -38,6 +40,7 @@ ATTENTION_CMAP = "viridis"
 OVERLAY_ALPHA = 0.55
 VEIL_ALPHA = 0.75  # how dark the cells with the least attention get
 EXIT_BAD_INPUT = 2
+FORMATS = ("saved_model", "tflite", "tflite_fp16", "tflite_int8", "onnx")
 
 
 def decide(score, threshold):
@@ -196,8 +199,13 @@ def save_explanation(path, face_a, face_b, result, threshold=None, title=None):
     return picture
 
 
-def _aligned_face(photo, label, aligner):
-    """(aligned face, note or None) for a path or an RGB uint8 array."""
+def align_photo(photo, label, aligner):
+    """One photo (a path or an RGB uint8 array) -> (aligned RGB uint8 face, note or None).
+
+    Aligned 112x112 crops are used as they are; other photos go through `aligner`. The note
+    says when the photo held several faces or was taken as a crop. `ImageError` and
+    `FaceError` messages name the photo (`label` for arrays, the path for files).
+    """
     if isinstance(photo, (str, os.PathLike)):
         name = os.fspath(photo)
         image = align.read_image(name)
@@ -214,6 +222,24 @@ def _aligned_face(photo, label, aligner):
         choice = getattr(aligner, "choose", "chosen")
         return face.image, f"{label}: {face.num_faces} faces found in {name}, using the {choice} one"
     return face.image, None
+
+
+def explain_faces(face_a, face_b, runtime_model, notes=()):
+    """Verifies two aligned faces; returns the dict described in `explain_photos`."""
+    outputs = runtime_model.verify(face_a[None].astype(np.float32), face_b[None].astype(np.float32))
+    score = float(np.asarray(outputs["score"]).reshape(-1)[0])
+    threshold = runtime_model.threshold
+    threshold = None if threshold is None else float(threshold)
+    return {
+        "score": score,
+        "threshold": threshold,
+        "decision": decide(score, threshold),
+        "cos_map": _single_map(outputs, "cos_map"),
+        "attention_map": _single_map(outputs, "attention_map"),
+        "face_a": face_a,
+        "face_b": face_b,
+        "notes": list(notes),
+    }
 
 
 def explain_photos(photo_a, photo_b, runtime_model, aligner):
@@ -236,22 +262,9 @@ def explain_photos(photo_a, photo_b, runtime_model, aligner):
         `FaceTooSmallError`) when no usable face is found; both `ValueError`s whose message
         names the photo.
     """
-    face_a, note_a = _aligned_face(photo_a, "photo A", aligner)
-    face_b, note_b = _aligned_face(photo_b, "photo B", aligner)
-    outputs = runtime_model.verify(face_a[None].astype(np.float32), face_b[None].astype(np.float32))
-    score = float(np.asarray(outputs["score"]).reshape(-1)[0])
-    threshold = runtime_model.threshold
-    threshold = None if threshold is None else float(threshold)
-    return {
-        "score": score,
-        "threshold": threshold,
-        "decision": decide(score, threshold),
-        "cos_map": _single_map(outputs, "cos_map"),
-        "attention_map": _single_map(outputs, "attention_map"),
-        "face_a": face_a,
-        "face_b": face_b,
-        "notes": [note for note in (note_a, note_b) if note],
-    }
+    face_a, note_a = align_photo(photo_a, "photo A", aligner)
+    face_b, note_b = align_photo(photo_b, "photo B", aligner)
+    return explain_faces(face_a, face_b, runtime_model, [note for note in (note_a, note_b) if note])
 
 
 def explanation_json(result):
@@ -264,3 +277,66 @@ def explanation_json(result):
         "attention_map": np.asarray(result["attention_map"]).round(6).tolist(),
         "notes": list(result["notes"]),
     }
+
+
+def define_flags():
+    """The command-line flags, defined only when this module runs as the script: the web demo
+    imports it and defines its own `--model`, and absl refuses a flag defined twice."""
+    return types.SimpleNamespace(
+        model=flags.DEFINE_string("model", None, "Exported model folder (`python -m xcos_tf.export`)."),
+        format=flags.DEFINE_enum("format", "saved_model", FORMATS, "Which of the exported formats to run."),
+        out=flags.DEFINE_string("out", "xcos_explanation.png", "Where to write the picture (PNG); empty: none."),
+        json=flags.DEFINE_bool("json", False, "Print score, decision, threshold and both maps as JSON."),
+        detector=flags.DEFINE_string("detector", DEFAULT_DETECTOR, "YuNet face detector ONNX file."),
+    )
+
+
+def _fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def main(argv, args):
+    if len(argv) != 3:
+        _fail(f"expected two photos: python -m xcos_tf.explain PHOTO_A PHOTO_B --model DIR. Received: {argv[1:]}")
+    if not os.path.isfile(args.detector.value):
+        _fail(f"--detector: face detector model not found: {args.detector.value!r}")
+    # Photos first: a bad photo is reported before the (slow) model load.
+    aligner = align.FaceAligner(args.detector.value, choose="largest")
+    faces, notes = [], []
+    for photo, label in zip(argv[1:], ("photo A", "photo B")):
+        try:
+            face, note = align_photo(photo, label, aligner)
+        except ValueError as err:  # ImageError, FaceError
+            _fail(str(err))
+        faces.append(face)
+        notes += [note] if note else []
+    from xcos_tf import runtime  # imports TensorFlow only for the SavedModel format
+
+    try:
+        runtime_model = runtime.load(args.model.value, format=args.format.value)
+    except (OSError, ValueError) as err:
+        _fail(f"--model {args.model.value}: {err}")
+    result = explain_faces(faces[0], faces[1], runtime_model, notes)
+    for note in result["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    if result["threshold"] is None:
+        print("note: the model's manifest has no calibrated threshold: printing the score only", file=sys.stderr)
+    if args.out.value:
+        title = f"{os.path.basename(argv[1])}  vs  {os.path.basename(argv[2])}"
+        save_explanation(args.out.value, faces[0], faces[1], result, threshold=result["threshold"], title=title)
+    if args.json.value:
+        print(json.dumps(explanation_json(result)))
+        return
+    line = f"score {result['score']:.4f}"
+    if result["decision"] is not None:
+        line += f"  {result['decision']}  (threshold {result['threshold']:.4f})"
+    print(line)
+    if args.out.value:
+        print(f"picture: {args.out.value}")
+
+
+if __name__ == "__main__":
+    _ARGS = define_flags()
+    flags.mark_flag_as_required("model")
+    app.run(lambda argv: main(argv, _ARGS))
