@@ -1,0 +1,188 @@
+"""Web demo: drop two photos, see the xCos score, the decision and the picture of why.
+
+`python -m xcos_tf.demo --model DIR [--port 7860] [--host 127.0.0.1] [--format saved_model]`
+
+A Gradio page (install with `pip install "xcos_tf[demo]"`). Each photo is detected and aligned
+with YuNet (the largest face; aligned 112x112 crops are used as they are), verified by the
+exported model, and explained with `xcos_tf.explain.render_explanation`.
+
+What the page accepts and where things go:
+- Uploads: JPEG, PNG, WebP or BMP, at most `--max_upload_mb` (10 MB). A wrong type, a corrupt
+  or truncated file, a photo without a face, or a too large file gives a message on the page.
+- Files: Gradio's upload cache and the rendered pictures live in one `tempfile.mkdtemp` folder,
+  deleted when the server stops (Ctrl-C or SIGTERM). Nothing else is written.
+- Network: served on loopback by default; no share link, no analytics, no server-side rendering.
+"""
+import os
+import shutil
+import signal
+import sys
+import tempfile
+
+from absl import app, flags
+
+from xcos_tf import explain
+from xcos_tf.data import align
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+MAX_UPLOAD_MB = 10
+MB = 2**20  # Gradio's "mb" in `max_file_size`: its own size message then says the same number
+TITLE = "xCos: explainable face verification"
+
+_MODEL = flags.DEFINE_string("model", None, "Exported model folder (`python -m xcos_tf.export`).")
+_FORMAT = flags.DEFINE_enum(
+    "format", "saved_model", ["saved_model", "tflite", "tflite_fp16", "tflite_int8", "onnx"],
+    "Which of the exported formats serves the page.",
+)
+_DETECTOR = flags.DEFINE_string("detector", explain.DEFAULT_DETECTOR, "YuNet face detector ONNX file.")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0 exposes the page to the network).")
+_PORT = flags.DEFINE_integer("port", 7860, "Port to listen on.", lower_bound=1, upper_bound=65535)
+_MAX_UPLOAD_MB = flags.DEFINE_integer("max_upload_mb", MAX_UPLOAD_MB, "Largest accepted photo, in MB.", lower_bound=1)
+
+
+class UploadError(ValueError):
+    """An uploaded photo that the demo refuses: wrong type, too large, unreadable, or no face."""
+
+
+def read_upload(path, name, max_bytes):
+    """Reads one uploaded photo as RGB uint8 [H, W, 3]; `UploadError` names `name` and the problem.
+
+    Args:
+        path: str, where the upload was stored.
+        name: str, how the page calls it, e.g. "photo A (holiday.jpg)".
+        max_bytes: int, the size limit.
+    """
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise UploadError(f"{name}: file type {suffix or '(none)'} is not accepted; use one of {', '.join(IMAGE_SUFFIXES)}")
+    size = os.path.getsize(path)
+    if size > max_bytes:
+        raise UploadError(f"{name}: {size / MB:.1f} MB is larger than the {max_bytes / MB:g} MB limit")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return align.decode_image(data, name=name)
+    except align.ImageError as err:
+        raise UploadError(str(err)) from None
+
+
+def summary_markdown(result):
+    """The verdict line and any notes (several faces found, crop used as is) as Markdown."""
+    score, threshold = result["score"], result["threshold"]
+    if result["decision"] is None:
+        headline = f"### Score {score:.3f}\nThe model has no calibrated threshold, so no same/different decision."
+    else:
+        verdict = "Same person" if result["decision"] == "same" else "Different people"
+        headline = f"### {verdict}: score {score:.3f} (threshold {threshold:.3f})"
+    return "\n".join([headline] + [f"- {note}" for note in result["notes"]])
+
+
+def compare_uploads(upload_a, upload_b, runtime_model, aligner, max_bytes):
+    """Explains one pair of uploads -> (summary Markdown, picture RGB uint8).
+
+    `upload_a`, `upload_b` are Gradio file payloads (dicts with `path` and `orig_name`) or None.
+    Raises `UploadError` with a message for the page.
+    """
+    photos = []
+    for label, upload in (("photo A", upload_a), ("photo B", upload_b)):
+        if not upload:
+            raise UploadError(f"{label} is missing: drop or upload a photo in both boxes")
+        # The cached path keeps the uploaded file's name; the page names files as the user does.
+        name = f"{label} ({upload.get('orig_name') or os.path.basename(upload['path'])})"
+        photos.append((name, read_upload(upload["path"], name, max_bytes)))
+    try:
+        result = explain.explain_photos(photos[0][1], photos[1][1], runtime_model, aligner)
+    except align.FaceError as err:
+        raise UploadError(f"{err}: use a photo where a face is clearly visible") from None
+    picture = explain.render_explanation(
+        result["face_a"], result["face_b"], result, threshold=result["threshold"],
+        title=f"{photos[0][0]}  vs  {photos[1][0]}",
+    )
+    return summary_markdown(result), picture
+
+
+def build_demo(runtime_model, aligner, max_bytes=MAX_UPLOAD_MB * MB, model_label=""):
+    """The Gradio page (a `gr.Blocks`, not launched). Import gradio only after GRADIO_TEMP_DIR is set."""
+    import gradio as gr
+
+    def on_compare(upload_a, upload_b):
+        try:
+            return compare_uploads(upload_a, upload_b, runtime_model, aligner, max_bytes)
+        except UploadError as err:
+            # A user's mistake, not a server fault: no traceback in the log, and it stays until closed.
+            raise gr.Error(str(err), duration=None, print_exception=False) from None
+
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        gr.Markdown(
+            f"# {TITLE}\nDrop or upload two photos. The score says how alike the two faces are; "
+            "the picture shows which parts match (cos map) and which parts counted (attention)."
+        )
+        with gr.Row():
+            photo_inputs = [
+                gr.Image(label=f"Photo {side}", type="filepath", sources=["upload", "clipboard"],
+                         height=300, elem_id=f"photo_{side.lower()}")
+                for side in "AB"
+            ]
+        compare = gr.Button("Compare", variant="primary", elem_id="compare")
+        summary = gr.Markdown(elem_id="summary")
+        picture = gr.Image(label="Why: the explanation", format="png", interactive=False,
+                           buttons=["download", "fullscreen"], elem_id="explanation")
+        gr.Markdown(
+            f"Accepted: {', '.join(s[1:].upper() for s in IMAGE_SUFFIXES)} up to {max_bytes / MB:g} MB. "
+            f"Uploads stay in a temporary folder deleted when the server stops. {model_label}"
+        )
+        # preprocess=False: our own reader gives the page a clear message for a corrupt file,
+        # where Gradio's PIL preprocessing would fail with a generic error. Gradio still checks
+        # that the paths are its own uploads. concurrency_limit=1 (the default) matters: the
+        # OpenCV detector is not thread-safe.
+        compare.click(on_compare, inputs=photo_inputs, outputs=[summary, picture], preprocess=False)
+        for photo in photo_inputs:  # a stale result must not look like the answer for new photos
+            photo.change(lambda: ("", None), outputs=[summary, picture])
+    return demo
+
+
+def _model_label(runtime_model, model_dir, model_format):
+    threshold = runtime_model.threshold
+    calibrated = "no calibrated threshold" if threshold is None else f"threshold {threshold:.3f}"
+    return f"Model: `{model_dir}` ({model_format}, {calibrated})."
+
+
+def main(argv):
+    del argv
+    from xcos_tf import runtime
+
+    upload_dir = tempfile.mkdtemp(prefix="xcos_demo_")
+    # Set before gradio is imported: some of its modules read these at import time.
+    os.environ["GRADIO_TEMP_DIR"] = upload_dir
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    # SIGTERM (kill, a test's finaliser, systemd) stops the server like Ctrl-C, so the folder goes.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        try:
+            import gradio  # noqa: F401
+        except ImportError:
+            sys.exit('xcos_tf.demo needs Gradio: pip install "xcos_tf[demo]"')
+        try:
+            runtime_model = runtime.load(_MODEL.value, format=_FORMAT.value)
+            aligner = align.FaceAligner(_DETECTOR.value, choose="largest")
+        except (OSError, ValueError) as err:
+            print(f"xcos_tf.demo: {err}", file=sys.stderr)
+            sys.exit(explain.EXIT_BAD_INPUT)
+        demo = build_demo(
+            runtime_model, aligner, max_bytes=_MAX_UPLOAD_MB.value * MB,
+            model_label=_model_label(runtime_model, _MODEL.value, _FORMAT.value),
+        )
+        demo.launch(
+            server_name=_HOST.value, server_port=_PORT.value, share=False,
+            max_file_size=_MAX_UPLOAD_MB.value * MB, ssr_mode=False, mcp_server=False,
+            show_error=False, inbrowser=False,
+        )
+    except KeyboardInterrupt:
+        pass
+    finally:
+        shutil.rmtree(upload_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("model")
+    app.run(main)
