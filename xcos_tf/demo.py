@@ -30,10 +30,7 @@ MB = 2**20  # Gradio's "mb" in `max_file_size`: its own size message then says t
 TITLE = "xCos: explainable face verification"
 
 _MODEL = flags.DEFINE_string("model", None, "Exported model folder (`python -m xcos_tf.export`).")
-_FORMAT = flags.DEFINE_enum(
-    "format", "saved_model", ["saved_model", "tflite", "tflite_fp16", "tflite_int8", "onnx"],
-    "Which of the exported formats serves the page.",
-)
+_FORMAT = flags.DEFINE_enum("format", "saved_model", explain.FORMATS, "Which of the exported formats serves the page.")
 _DETECTOR = flags.DEFINE_string("detector", explain.DEFAULT_DETECTOR, "YuNet face detector ONNX file.")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0 exposes the page to the network).")
 _PORT = flags.DEFINE_integer("port", 7860, "Port to listen on.", lower_bound=1, upper_bound=65535)
@@ -83,20 +80,22 @@ def compare_uploads(upload_a, upload_b, runtime_model, aligner, max_bytes):
     `upload_a`, `upload_b` are Gradio file payloads (dicts with `path` and `orig_name`) or None.
     Raises `UploadError` with a message for the page.
     """
-    photos = []
+    names, faces, notes = [], [], []
     for label, upload in (("photo A", upload_a), ("photo B", upload_b)):
         if not upload:
             raise UploadError(f"{label} is missing: drop or upload a photo in both boxes")
         # The cached path keeps the uploaded file's name; the page names files as the user does.
         name = f"{label} ({upload.get('orig_name') or os.path.basename(upload['path'])})"
-        photos.append((name, read_upload(upload["path"], name, max_bytes)))
-    try:
-        result = explain.explain_photos(photos[0][1], photos[1][1], runtime_model, aligner)
-    except align.FaceError as err:
-        raise UploadError(f"{err}: use a photo where a face is clearly visible") from None
+        try:
+            face, note = explain.align_photo(read_upload(upload["path"], name, max_bytes), name, aligner)
+        except align.FaceError as err:
+            raise UploadError(f"{err}: use a photo where a face is clearly visible") from None
+        names.append(name)
+        faces.append(face)
+        notes += [note] if note else []
+    result = explain.explain_faces(faces[0], faces[1], runtime_model, notes)
     picture = explain.render_explanation(
-        result["face_a"], result["face_b"], result, threshold=result["threshold"],
-        title=f"{photos[0][0]}  vs  {photos[1][0]}",
+        faces[0], faces[1], result, threshold=result["threshold"], title="  vs  ".join(names)
     )
     return summary_markdown(result), picture
 

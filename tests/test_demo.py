@@ -1,0 +1,234 @@
+"""Tests for the web demo: upload checks (always run) and the page end to end in a real browser.
+
+The end-to-end test starts `python -m xcos_tf.demo` as a server process with a tiny exported
+model, drives the page in headless Chromium through Playwright, uploads two faces from
+../shared and checks that the score and the picture appear, that bad uploads give a message on
+the page, that the browser makes no request beyond loopback, and that stopping the server
+leaves nothing behind.
+"""
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import keras
+import numpy as np
+import pytest
+
+from xcos_tf import demo
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+SERVER_START_TIMEOUT = 90
+PAGE_TIMEOUT_MS = 30_000
+THRESHOLD = 0.3
+
+
+# === Upload checks: no server, no browser ===
+
+
+def test_read_upload_decodes_an_accepted_photo(tmp_path):
+    import cv2
+
+    path = tmp_path / "face.png"
+    cv2.imwrite(str(path), np.full((20, 30, 3), 200, np.uint8))
+    image = demo.read_upload(str(path), "photo A (face.png)", max_bytes=demo.MB)
+    assert image.shape == (20, 30, 3) and image.dtype == np.uint8
+
+
+@pytest.mark.parametrize(
+    "file_name, content, max_bytes, message",
+    [
+        ("notes.txt", b"hello", 10**6, "file type .txt is not accepted"),
+        ("anim.gif", b"GIF89a", 10**6, "file type .gif is not accepted"),
+        ("big.jpg", b"\xff\xd8" + b"\0" * 3000, 1000, "larger than the"),
+        ("broken.jpg", b"this is not a jpeg", 10**6, "not a decodable image"),
+        ("cut.jpg", b"\xff\xd8\xff\xe0" + b"\1" * 200, 10**6, "truncated image file"),
+        ("empty.png", b"", 10**6, "empty file"),
+    ],
+)
+def test_read_upload_refuses_bad_files_with_a_named_reason(tmp_path, file_name, content, max_bytes, message):
+    path = tmp_path / file_name
+    path.write_bytes(content)
+    with pytest.raises(demo.UploadError, match=message) as error:
+        demo.read_upload(str(path), f"photo B ({file_name})", max_bytes=max_bytes)
+    assert f"photo B ({file_name})" in str(error.value)
+
+
+def test_summary_reads_decision_score_and_notes():
+    result = {"score": 0.61234, "threshold": 0.3, "decision": "same", "notes": ["photo B: 3 faces found"]}
+    assert demo.summary_markdown(result) == (
+        "### Same person: score 0.612 (threshold 0.300)\n- photo B: 3 faces found"
+    )
+    no_threshold = dict(result, threshold=None, decision=None, notes=[])
+    assert "no same/different decision" in demo.summary_markdown(no_threshold)
+
+
+def test_missing_photo_is_named(tmp_path):
+    with pytest.raises(demo.UploadError, match="photo A is missing"):
+        demo.compare_uploads(None, {"path": "b.jpg"}, runtime_model=None, aligner=None, max_bytes=demo.MB)
+
+
+# === End to end: server process + headless Chromium ===
+
+
+def _free_loopback_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _tiny_backbone_7x7(make_tiny_backbone):
+    """The conftest tiny backbone (stride 8) plus one pooling: 7x7 cells at 112x112, like the real ones."""
+    base = make_tiny_backbone((112, 112, 3))
+    return keras.Model(base.input, keras.layers.MaxPooling2D(2)(base.output), name="tiny_7x7")
+
+
+@pytest.fixture
+def exported_model(tmp_path, make_tiny_backbone):
+    from xcos_tf import export, model
+
+    keras.utils.set_random_seed(0)
+    trainer = model.build_trainer(_tiny_backbone_7x7(make_tiny_backbone), num_classes=4, grid_channels=8)
+    model_dir = tmp_path / "model"
+    export.export_model(trainer, str(model_dir), formats=["saved_model"], threshold=THRESHOLD)
+    return model_dir
+
+
+@pytest.fixture
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs Playwright: pip install playwright")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"needs Debian's Chromium at {CHROMIUM}: apt-get install chromium")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+class DemoServer:
+    """`python -m xcos_tf.demo` in its own process, with an empty working folder and TMPDIR."""
+
+    def __init__(self, model_dir, detector, root):
+        self.port = _free_loopback_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.workdir, self.tmpdir = root / "cwd", root / "tmp"
+        self.workdir.mkdir()
+        self.tmpdir.mkdir()
+        self.log_path = root / "server.log"
+        env = dict(os.environ, TMPDIR=str(self.tmpdir), PYTHONPATH=str(REPO_ROOT))
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "xcos_tf.demo", "--model", str(model_dir), "--detector", str(detector),
+                 "--host", "127.0.0.1", "--port", str(self.port)],
+                cwd=self.workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
+            )
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    def wait_until_up(self):
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"demo server exited with code {self.process.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(self.url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        pytest.fail(f"demo server did not answer at {self.url} within {SERVER_START_TIMEOUT} s:\n{self.log()}")
+
+    def stop(self):
+        """SIGTERM (a clean stop that removes the upload folder), then SIGKILL if it hangs."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+@pytest.fixture
+def demo_server(exported_model, shared_dir, tmp_path):
+    pytest.importorskip("gradio", reason='needs Gradio: pip install "xcos_tf[demo]"')
+    server = DemoServer(exported_model, shared_dir / "models" / "yunet.onnx", tmp_path / "server")
+    try:
+        server.wait_until_up()
+        yield server
+    finally:  # also when the test fails: no server outlives its test
+        server.stop()
+
+
+def _upload(page, box, path):
+    page.locator(f"#photo_{box} input[type=file]").set_input_files(str(path))
+    # Uploaded when the preview points at the served file (also for a corrupt one that cannot render).
+    page.locator(f'#photo_{box} img[src*="{path.name}"]').wait_for(state="attached", timeout=PAGE_TIMEOUT_MS)
+
+
+def _expect_message(page, *parts):
+    for part in parts:
+        page.get_by_text(part, exact=False).first.wait_for(state="visible", timeout=PAGE_TIMEOUT_MS)
+
+
+def test_page_compares_two_photos_and_shows_errors(demo_server, browser, shared_dir, tmp_path):
+    photo_a = shared_dir / "data" / "lfw" / "images" / "Aaron_Peirsol" / "Aaron_Peirsol_0001.jpg"
+    photo_b = shared_dir / "data" / "wild" / "010393.jpg"  # several faces: the largest is used
+    no_face = shared_dir / "data" / "wild" / "008482.jpg"  # YuNet finds none here (index.json)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"this is not a jpeg")
+    outside_requests = []
+
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.on("request", lambda request: outside_requests.append(request.url)
+            if not request.url.startswith((demo_server.url, "data:", "blob:")) else None)
+    page.goto(demo_server.url)
+    _upload(page, "a", photo_a)
+    _upload(page, "b", photo_b)
+    page.locator("#compare").click()
+
+    picture = page.locator("#explanation img")
+    picture.wait_for(timeout=PAGE_TIMEOUT_MS)
+    page.wait_for_function(
+        "() => { const img = document.querySelector('#explanation img');"
+        " return img && img.complete && img.naturalWidth > 0; }",
+        timeout=PAGE_TIMEOUT_MS,
+    )
+    width, height, src = picture.evaluate("img => [img.naturalWidth, img.naturalHeight, img.src]")
+    summary = page.locator("#summary").inner_text()
+    page.screenshot(path=str(tmp_path / "demo_page.png"), full_page=True)
+    assert width > 600 and height > 400, (width, height)
+    # Gradio serves the picture from the demo's private upload folder under our TMPDIR.
+    assert f"file={demo_server.tmpdir}" in src, src
+    assert "score" in summary and f"threshold {THRESHOLD:.3f}" in summary, summary
+    assert "Same person" in summary or "Different people" in summary, summary
+    assert "faces found" in summary and "using the largest one" in summary, summary
+
+    # A corrupt file: a message naming it, and the stale result is gone.
+    _upload(page, "b", broken)
+    page.locator("#compare").click()
+    _expect_message(page, "photo B (broken.jpg)", "not a decodable image")
+    assert "score" not in page.locator("#summary").inner_text()
+
+    # A photo without a face.
+    _upload(page, "b", no_face)
+    page.locator("#compare").click()
+    _expect_message(page, "photo B (008482.jpg)", "No face found")
+    page.screenshot(path=str(tmp_path / "demo_page_error.png"), full_page=True)
+    assert outside_requests == [], f"the page reached beyond loopback: {outside_requests}"
+
+    # A clean stop removes the upload folder; nothing was written in the working folder.
+    assert demo_server.stop() == 0, demo_server.log()
+    assert list(demo_server.tmpdir.iterdir()) == [], list(demo_server.tmpdir.iterdir())
+    assert list(demo_server.workdir.iterdir()) == [], list(demo_server.workdir.iterdir())
+
