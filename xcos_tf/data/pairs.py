@@ -1,0 +1,163 @@
+"""Verification pair lists: LFW `pairs.txt` files and insightface `.bin` files.
+
+No TensorFlow and no OpenCV here: the evaluation tool and the shard writer both read pairs
+through these functions.
+
+LFW: `pairs.txt` (View 2) starts with `10 300`: 10 folds, each 300 same-person lines
+`NAME N1 N2` then 300 different-person lines `NAME1 N1 NAME2 N2`; image N of NAME is
+`NAME/NAME_000N.jpg`. `pairsDevTrain.txt` / `pairsDevTest.txt` (View 1) start with one count
+and form a single fold.
+
+insightface `.bin` (`lfw.bin`, `cfp_fp.bin`, `agedb_30.bin`, ...): a pickle of
+`(list of 2N encoded images, list of N is-same flags)`; pair i is images 2i and 2i+1, and the
+10 folds are consecutive blocks of pairs (insightface's `KFold(10, shuffle=False)`). The pickle
+is read with an unpickler that can build only lists, tuples, bytes, bools, ints and numpy
+arrays: a crafted file cannot run code.
+"""
+import dataclasses
+import io
+import os
+import pickle
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """One verification pair; `path_a`/`path_b` are relative to the images folder."""
+
+    name_a: str
+    path_a: str
+    name_b: str
+    path_b: str
+    is_same: bool
+    fold: int
+
+
+def lfw_image_path(name, number):
+    return f"{name}/{name}_{int(number):04d}.jpg"
+
+
+def _parse_header(line, pairs_path):
+    try:
+        numbers = [int(x) for x in line.split()]
+    except ValueError:
+        numbers = []
+    if len(numbers) == 2:
+        return numbers[0], numbers[1]
+    if len(numbers) == 1:
+        return 1, numbers[0]
+    raise ValueError(
+        f"{pairs_path}, line 1: expected a header 'FOLDS PAIRS_PER_FOLD' or 'PAIRS'. "
+        f"Received: {line.strip()!r}"
+    )
+
+
+def read_lfw_pairs(pairs_path):
+    """Parses an LFW pairs file into a list of `Pair` (fold numbers from the positions)."""
+    pairs_path = os.fspath(pairs_path)
+    with open(pairs_path) as f:
+        lines = f.read().splitlines()
+    if not lines:
+        raise ValueError(f"{pairs_path}: empty pairs file")
+    num_folds, per_fold = _parse_header(lines[0], pairs_path)
+    body = [(number, line.split()) for number, line in enumerate(lines[1:], start=2) if line.strip()]
+    if len(body) != 2 * num_folds * per_fold:
+        raise ValueError(
+            f"{pairs_path}: the header promises {num_folds} fold(s) of {per_fold} same and "
+            f"{per_fold} different pairs ({2 * num_folds * per_fold} lines), found {len(body)}"
+        )
+    pairs = []
+    for position, (number, fields) in enumerate(body):
+        fold, within = divmod(position, 2 * per_fold)
+        expect_same = within < per_fold
+        try:
+            if expect_same and len(fields) == 3:
+                name, a, b = fields
+                pairs.append(Pair(name, lfw_image_path(name, a), name, lfw_image_path(name, b), True, fold))
+                continue
+            if not expect_same and len(fields) == 4:
+                name_a, a, name_b, b = fields
+                pairs.append(Pair(name_a, lfw_image_path(name_a, a), name_b, lfw_image_path(name_b, b), False, fold))
+                continue
+        except ValueError:
+            pass
+        kind = "same-person 'NAME N1 N2'" if expect_same else "different-person 'NAME1 N1 NAME2 N2'"
+        raise ValueError(f"{pairs_path}, line {number}: expected a {kind} line. Received: {' '.join(fields)!r}")
+    return pairs
+
+
+def people_in_pairs(pairs):
+    """Every identity named by these pairs (for keeping them out of training data)."""
+    return sorted({p.name_a for p in pairs} | {p.name_b for p in pairs})
+
+
+_NUMPY_RECONSTRUCT = np.zeros(1).__reduce__()[0]
+_NUMPY_SCALAR = np.bool_(True).__reduce__()[0]
+# Everything an insightface .bin pickle (Python 2 or 3, numpy 1 or 2) needs, and nothing else.
+_ALLOWED_GLOBALS = {
+    ("builtins", "list"): list,
+    ("builtins", "tuple"): tuple,
+    ("builtins", "bytes"): bytes,
+    ("builtins", "bytearray"): bytearray,
+    ("builtins", "bool"): bool,
+    ("builtins", "int"): int,
+    ("__builtin__", "bytearray"): bytearray,
+    ("_codecs", "encode"): lambda text, encoding="utf-8": text.encode(encoding),
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "_reconstruct"): _NUMPY_RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _NUMPY_RECONSTRUCT,
+    ("numpy.core.multiarray", "scalar"): _NUMPY_SCALAR,
+    ("numpy._core.multiarray", "scalar"): _NUMPY_SCALAR,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name}: an insightface .bin holds only image bytes "
+                "and is-same flags"
+            ) from None
+
+
+def _as_bytes(item, path, index):
+    if isinstance(item, (bytes, bytearray)):
+        return bytes(item)
+    if isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim == 1:
+        return item.tobytes()
+    raise ValueError(f"{path}: image {index} is a {type(item).__name__}, not encoded image bytes")
+
+
+def read_insightface_bin(path):
+    """Reads an insightface `.bin` safely: (list of 2N encoded images, bool array [N])."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        content = _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: not a readable insightface .bin pickle ({e})") from None
+    if not isinstance(content, (tuple, list)) or len(content) != 2:
+        raise ValueError(f"{path}: expected a pickle of (images, is_same flags)")
+    images, flags = content
+    images = [_as_bytes(item, path, i) for i, item in enumerate(images)]
+    flags = np.asarray(flags)
+    if flags.ndim != 1 or not np.all(np.isin(flags, (0, 1))):
+        raise ValueError(f"{path}: the is-same flags must be a list of booleans")
+    if len(images) != 2 * len(flags):
+        raise ValueError(
+            f"{path}: {len(images)} images for {len(flags)} pairs; expected two images per pair"
+        )
+    return images, flags.astype(bool)
+
+
+def kfold_indices(num_pairs, num_folds=10):
+    """Fold of each pair for consecutive folds as `KFold(num_folds, shuffle=False)` makes them."""
+    if num_pairs < num_folds:
+        raise ValueError(f"{num_pairs} pairs cannot form {num_folds} folds")
+    sizes = [num_pairs // num_folds + (1 if i < num_pairs % num_folds else 0) for i in range(num_folds)]
+    return np.repeat(np.arange(num_folds), sizes)
