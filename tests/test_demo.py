@@ -120,10 +120,11 @@ class DemoServer:
         self.port = _free_loopback_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.workdir, self.tmpdir = root / "cwd", root / "tmp"
-        self.workdir.mkdir()
+        self.workdir.mkdir(parents=True)
         self.tmpdir.mkdir()
         self.log_path = root / "server.log"
-        env = dict(os.environ, TMPDIR=str(self.tmpdir), PYTHONPATH=str(REPO_ROOT))
+        python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+        env = dict(os.environ, TMPDIR=str(self.tmpdir), PYTHONPATH=python_path)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "xcos_tf.demo", "--model", str(model_dir), "--detector", str(detector),

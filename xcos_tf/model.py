@@ -90,6 +90,7 @@ class XCosTrainer(keras.Model):
             head_args["margin"] = margin_value
         self.margin_head = MARGIN_HEADS[margin](num_classes, dtype="float32", name="margin_head", **head_args)
         self.attention_optimizer = None
+        self.backbone_optimizer = None
         # === Config ===
         self.num_classes = num_classes
         self.grid_channels = grid_channels
@@ -129,45 +130,68 @@ class XCosTrainer(keras.Model):
         loss = self.ce_weight * ce_loss + self.xcos_weight * xcos_loss
         return {"loss": loss, "ce_loss": ce_loss, "xcos_loss": xcos_loss}
 
-    def compile(self, optimizer="sgd", attention_optimizer=None, **kwargs):
-        """As `keras.Model.compile`, plus an optional separate optimizer for the attention.
+    def compile(self, optimizer="sgd", attention_optimizer=None, backbone_optimizer=None, **kwargs):
+        """As `keras.Model.compile`, plus optional separate optimizers for the attention and the backbone.
 
         The paper trains the backbone, grid head and margin head by SGD with momentum and
-        the attention module by Adam; one optimizer for everything is the default.
+        the attention module by Adam; one optimizer for everything is the default. A
+        `backbone_optimizer` fine-tunes a pretrained backbone at its own (lower) rate.
         """
         super().compile(optimizer=optimizer, **kwargs)
         self.attention_optimizer = keras.optimizers.get(attention_optimizer) if attention_optimizer else None
+        self.backbone_optimizer = keras.optimizers.get(backbone_optimizer) if backbone_optimizer else None
 
     def optimizer_groups(self):
         """(optimizer, variables) pairs that together cover every trainable variable once."""
-        if self.attention_optimizer is None:
-            return [(self.optimizer, self.trainable_variables)]
-        attention_ids = {id(v) for v in self.xcos.trainable_variables}
-        rest = [v for v in self.trainable_variables if id(v) not in attention_ids]
-        return [(self.optimizer, rest), (self.attention_optimizer, self.xcos.trainable_variables)]
+        groups = []
+        taken = set()
+        for optimizer, layer in ((self.attention_optimizer, self.xcos), (self.backbone_optimizer, self.backbone)):
+            if optimizer is not None:
+                groups.append((optimizer, layer.trainable_variables))
+                taken.update(id(v) for v in layer.trainable_variables)
+        rest = [v for v in self.trainable_variables if id(v) not in taken]
+        return [(self.optimizer, rest)] + groups
 
     def apply_loss_gradients(self, tape, loss):
-        """Differentiates `loss` (recorded on `tape`) and steps each optimizer on its variables."""
-        groups = [(opt, variables) for opt, variables in self.optimizer_groups() if variables]
-        all_variables = [v for _, variables in groups for v in variables]
-        gradients = tape.gradient(loss, all_variables)
-        start = 0
-        for optimizer, variables in groups:
-            optimizer.apply(gradients[start : start + len(variables)], variables)
-            start += len(variables)
+        """Differentiates the unscaled `loss` (recorded on `tape`) and steps each optimizer on its variables.
+
+        Each optimizer scales the loss itself (`scale_loss`: a `LossScaleOptimizer`'s own
+        dynamic scale, the identity otherwise), so several loss-scaled optimizers stay
+        correct; more than one group needs a persistent tape.
+        """
+        for optimizer, variables in self.optimizer_groups():
+            if variables:
+                # scale_loss(1) is the optimizer's loss scale; as the output gradient it scales
+                # the loss after the tape has closed.
+                loss_scale = optimizer.scale_loss(ops.ones_like(loss))
+                gradients = tape.gradient(loss, variables, output_gradients=loss_scale)
+                optimizer.apply(gradients, variables)
 
     def train_step(self, data):
         import tensorflow as tf  # train_step is TF-backend specific: it needs a GradientTape
 
-        with tf.GradientTape() as tape:
+        with tf.GradientTape(persistent=True) as tape:
             outputs = self(data, training=True)
             terms = self.compute_loss_terms(data, outputs)
-            scaled_loss = self.optimizer.scale_loss(terms["loss"])
-        self.apply_loss_gradients(tape, scaled_loss)
+        self.apply_loss_gradients(tape, terms["loss"])
         return terms
 
     def test_step(self, data):
+        data, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         return self.compute_loss_terms(data, self(data, training=False))
+
+    def get_compile_config(self):
+        config = super().get_compile_config()
+        if config is not None and self.attention_optimizer is not None:
+            config["attention_optimizer"] = keras.optimizers.serialize(self.attention_optimizer)
+        return config
+
+    def compile_from_config(self, config):
+        config = dict(config)
+        attention_optimizer = config.pop("attention_optimizer", None)
+        super().compile_from_config(config)
+        if attention_optimizer is not None:
+            self.attention_optimizer = keras.optimizers.deserialize(attention_optimizer)
 
     def get_config(self):
         config = super().get_config()

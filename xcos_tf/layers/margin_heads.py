@@ -62,14 +62,24 @@ class MarginSoftmax(keras.layers.Layer):
         embedding = ops.cast(embedding, "float32")
         embedding = embedding / ops.maximum(ops.norm(embedding, axis=-1, keepdims=True), 1e-12)
         centres = self.centres / ops.maximum(ops.norm(self.centres, axis=0, keepdims=True), 1e-12)
-        return ops.clip(ops.matmul(embedding, centres), -_COS_LIMIT, _COS_LIMIT)
+        return ops.clip(ops.matmul(embedding, centres), -1.0, 1.0)
 
     def target_logit(self, cos):
         """The margin-adjusted cosine for the true class (before scaling)."""
-        theta = ops.arccos(cos)
-        angle = self.m1 * theta + self.m2
+        if self.m1 == 1.0:
+            # cos(theta + m2) by the angle-sum identity: exact near theta = 0, where float32
+            # arccos of a cosine rounded to 1 would be off by ~1e-3 rad. The floor on sin^2
+            # keeps the gradient finite at theta = 0 and pi.
+            sin = ops.sqrt(ops.clip(1.0 - ops.square(cos), 1e-10, 1.0))
+            margined = cos * math.cos(self.m2) - sin * math.sin(self.m2) - self.m3
+            past_pi = cos <= -math.cos(self.m2)
+        else:
+            theta = ops.arccos(ops.clip(cos, -_COS_LIMIT, _COS_LIMIT))
+            angle = self.m1 * theta + self.m2
+            margined = ops.cos(angle) - self.m3
+            past_pi = angle >= math.pi
         fallback = cos - self.m3 - self.m2 * math.sin(math.pi - self.m2)
-        return ops.where(angle < math.pi, ops.cos(angle) - self.m3, fallback)
+        return ops.where(past_pi, fallback, margined)
 
     def call(self, embedding, labels=None, training=False):
         cos = self.cosine(embedding)

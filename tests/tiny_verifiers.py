@@ -1,0 +1,63 @@
+"""Tiny in-memory verifiers with the runtime's interface, for the explain and evaluate tests.
+
+`KerasRuntime` gives a `xcos_tf.model.Verifier` the interface of `xcos_tf.runtime.load(...)`
+(numpy in and out, `threshold`, `manifest`), so the tools can be tested without an export.
+"""
+import keras
+import numpy as np
+
+from conftest import tiny_backbone
+from xcos_tf import model
+
+
+def patch_backbone(channels=16):
+    """Each 16x16 patch of the 112 face -> one cell, no bias: a cell sees only its own patch,
+    and a mid-grey (127.5) patch gives an all-zero cell (cosine 0 with anything)."""
+    image = keras.Input((112, 112, 3), name="image")
+    x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0)(image)
+    x = keras.layers.Conv2D(channels, 16, strides=16, use_bias=False, name="patch")(x)
+    return keras.Model(image, x, name="patch_backbone")
+
+
+def conv_backbone():
+    """A few convs, 112x112 -> 7x7x16 (cells with overlapping receptive fields)."""
+    inner = tiny_backbone((112, 112, 3), channels=16)
+    return keras.Model(inner.input, keras.layers.AveragePooling2D(2)(inner.output), name="conv_backbone")
+
+
+class KerasRuntime:
+    """The runtime interface over an in-memory `Verifier`."""
+
+    def __init__(self, verifier, threshold=None):
+        self._verifier = verifier
+        self.threshold = threshold
+        self.manifest = {"threshold": threshold}
+
+    @staticmethod
+    def _numpy(outputs):
+        return {key: np.asarray(value) for key, value in outputs.items()}
+
+    def verify(self, image_a, image_b):
+        return self._numpy(self._verifier.verify({"image_a": np.asarray(image_a, np.float32),
+                                                  "image_b": np.asarray(image_b, np.float32)}))
+
+    def embed(self, image):
+        return self._numpy(self._verifier.embed({"image": np.asarray(image, np.float32)}))
+
+    def compare(self, grid_a, grid_b):
+        return self._numpy(self._verifier.compare({"grid_a": grid_a, "grid_b": grid_b}))
+
+
+def tiny_runtime(backbone, attention="learned", threshold=None):
+    keras.utils.set_random_seed(0)
+    trainer = model.build_trainer(backbone, num_classes=4, attention=attention)
+    return KerasRuntime(model.build_verifier(trainer), threshold=threshold)
+
+
+def smooth_faces(count, seed=0):
+    """Random smooth RGB uint8 112x112 images (upsampled 7x7 noise)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, size=(count, 7, 7, 3), dtype=np.uint8)
+    return np.stack([cv2.resize(c, (112, 112), interpolation=cv2.INTER_LINEAR) for c in coarse])
