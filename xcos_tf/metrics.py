@@ -4,6 +4,8 @@ import collections
 
 import numpy as np
 
+from xcos_tf.data import pairs
+
 FoldAccuracy = collections.namedtuple("FoldAccuracy", ["mean", "std", "fold_accuracies", "thresholds"])
 FoldAccuracy.__doc__ = """k-fold verification accuracy: mean and standard deviation over the test folds,
 plus each fold's accuracy and the threshold chosen for it on the other folds."""
@@ -51,7 +53,7 @@ def _fold_ids(folds, size):
             raise ValueError(
                 f"Need folds >= 2 and at least one pair per fold. Received: folds={folds}, pairs={size}"
             )
-        return np.repeat(np.arange(folds), [len(part) for part in np.array_split(np.arange(size), folds)])
+        return pairs.kfold_indices(size, folds)
     fold_ids = np.asarray(folds)
     if fold_ids.shape != (size,) or len(np.unique(fold_ids)) < 2:
         raise ValueError(

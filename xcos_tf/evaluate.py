@@ -1,0 +1,514 @@
+"""Evaluate a verifier: the LFW protocol, robustness to occluders, and how faithful the maps are.
+
+`python -m xcos_tf.evaluate --model DIR --pairs PAIR_SHARDS_OR_LFW_DIR [--teacher PATH]
+[--out_dir DIR] [--max_pairs N]`
+
+- Verification: 10-fold accuracy (threshold chosen on the other nine folds), TAR at FAR 1e-2
+  and 1e-3, ROC curve; rows for the xCos score, the plain cosine of the 1568-d embedding, and
+  the teacher's cosine (from `--teacher`, or from the teacher embeddings stored in the shards).
+- Occlusion: the same pairs with a synthetic occluder pasted on face B (`OCCLUDERS`: dark
+  glasses over the eyes, a mask over nose and mouth, a random square, placed from the ArcFace
+  template): 10-fold accuracy of each row.
+- Faithfulness of the maps, with no human labels:
+  deletion: the cells of face B are greyed out one by one in the order of their contribution
+  `cos x attention` (largest first), and in random order, and the score recomputed; a faithful
+  map makes the score fall faster (smaller area under the curve) than a random order.
+  Localisation: with an occluder on face B of a same-person pair, how often the lowest-cos cell
+  lies under the occluder (at least half covered), next to the chance rate.
+  Correlation: Pearson's r between the xCos score and the teacher cosine over all pairs.
+
+Writes `results.json` (every number), `roc.png`, `deletion.png` and `occluders.png` into
+`--out_dir` and prints one table.
+"""
+import dataclasses
+import json
+import os
+import sys
+import types
+
+import numpy as np
+from absl import app, flags
+
+from xcos_tf import metrics
+from xcos_tf.explain import DEFAULT_DETECTOR
+from xcos_tf.data import align
+from xcos_tf.data import pairs as pairs_lib
+
+OCCLUDERS = ("sunglasses", "mask", "square")
+FARS = (1e-2, 1e-3)
+GREY = 127.5  # a deleted cell: mid-grey, which the backbone maps to 0
+SQUARE_SIZE = 40  # side of the random square, px of the 112 face (2.5 cells)
+BATCH_SIZE = 64
+EXIT_BAD_INPUT = 2
+FORMATS = ("saved_model", "tflite", "tflite_fp16", "tflite_int8", "onnx")
+
+_LEFT_EYE, _RIGHT_EYE, _NOSE, _LEFT_MOUTH, _RIGHT_MOUTH = align.TEMPLATE_112
+
+
+@dataclasses.dataclass
+class PairSet:
+    """Evaluation pairs over a set of aligned faces.
+
+    Attributes:
+        faces: uint8 [M, 112, 112, 3], each face once (LFW images recur across pairs).
+        index_a, index_b: int [P], the faces of each pair.
+        is_same: bool [P].
+        folds: int [P], the protocol fold of each pair.
+        teacher_cos: float32 [P] or None, the teacher cosine stored with the pairs.
+        source: str, where the pairs came from.
+    """
+
+    faces: np.ndarray
+    index_a: np.ndarray
+    index_b: np.ndarray
+    is_same: np.ndarray
+    folds: np.ndarray
+    teacher_cos: np.ndarray = None
+    source: str = ""
+
+    def __len__(self):
+        return len(self.is_same)
+
+
+def spread_subset(count, max_count):
+    """Indices of at most `max_count` of `count` items, evenly spread (every fold, both
+    kinds of pair), or all of them when `max_count` is None."""
+    if max_count is None or max_count >= count:
+        return np.arange(count)
+    return np.unique(np.linspace(0, count - 1, max_count).round().astype(int))
+
+
+def load_lfw(lfw_dir, aligner, max_pairs=None):
+    """LFW `pairs.txt` + `images/` -> `PairSet`, faces aligned by `aligner` (central face).
+
+    A photo where the detector finds no face is used whole, resized to 112x112 (the
+    deep-funneled LFW crops are centred on the face), so that no pair of the protocol is
+    dropped; the count is in `source`.
+    """
+    lfw_dir = os.fspath(lfw_dir)
+    all_pairs = pairs_lib.read_lfw_pairs(os.path.join(lfw_dir, "pairs.txt"))
+    chosen = [all_pairs[i] for i in spread_subset(len(all_pairs), max_pairs)]
+    paths = sorted({p.path_a for p in chosen} | {p.path_b for p in chosen})
+    position = {path: i for i, path in enumerate(paths)}
+    faces, undetected = [], 0
+    _log(f"aligning {len(paths)} LFW images for {len(chosen)} pairs")
+    for path in paths:
+        image = align.read_image(os.path.join(lfw_dir, "images", path))
+        try:
+            faces.append(aligner.align(image, assume_aligned=False).image)
+        except align.FaceError:
+            undetected += 1
+            faces.append(aligner.align(image, assume_aligned=True).image)
+    return PairSet(
+        faces=np.stack(faces),
+        index_a=np.array([position[p.path_a] for p in chosen]),
+        index_b=np.array([position[p.path_b] for p in chosen]),
+        is_same=np.array([p.is_same for p in chosen]),
+        folds=np.array([p.fold for p in chosen]),
+        source=f"{lfw_dir} (pairs.txt; YuNet alignment; {undetected} of {len(paths)} images without a detected face used whole)",
+    )
+
+
+def load_pair_shards(path, max_pairs=None):
+    """Pair shards (`tools/make_shards`) -> `PairSet`; each pair keeps its own two faces."""
+    from xcos_tf.data import pipeline  # TensorFlow: only for shards
+
+    batches = list(pipeline.eval_pair_dataset(path, batch_size=256).as_numpy_iterator())
+    columns = {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+    chosen = spread_subset(len(columns["is_same"]), max_pairs)
+    faces_a = np.round(columns["image_a"][chosen]).astype(np.uint8)
+    faces_b = np.round(columns["image_b"][chosen]).astype(np.uint8)
+    count = len(chosen)
+    teacher_cos = columns["teacher_cos"][chosen] if "teacher_cos" in columns else None
+    return PairSet(
+        faces=np.concatenate([faces_a, faces_b]),
+        index_a=np.arange(count),
+        index_b=np.arange(count, 2 * count),
+        is_same=columns["is_same"][chosen].astype(bool),
+        folds=columns["fold"][chosen],
+        teacher_cos=teacher_cos,
+        source=f"{path} (pair shards)",
+    )
+
+
+def load_pairs(path, detector, max_pairs=None):
+    """An LFW folder (with `pairs.txt`) or pair shards (a folder, file or glob) -> `PairSet`."""
+    path = os.fspath(path)
+    if os.path.isfile(os.path.join(path, "pairs.txt")):
+        return load_lfw(path, align.FaceAligner(detector, choose="central"), max_pairs)
+    return load_pair_shards(path, max_pairs)
+
+
+# === Occluders ===
+def occluder_box(kind, rng=None, size=align.ALIGNED_SIZE):
+    """(x0, y0, x1, y1) of an occluder on an aligned face, from the ArcFace template.
+
+    `sunglasses` spans both eyes from brow to cheekbone, `mask` the face from just below the
+    nose tip to the chin; `square` is a `SQUARE_SIZE` square at a random place (needs `rng`).
+    """
+    if kind == "sunglasses":
+        eye_y = 0.5 * (_LEFT_EYE[1] + _RIGHT_EYE[1])
+        box = (_LEFT_EYE[0] - 22, eye_y - 14, _RIGHT_EYE[0] + 22, eye_y + 12)
+    elif kind == "mask":
+        box = (_LEFT_MOUTH[0] - 24, _NOSE[1] - 4, _RIGHT_MOUTH[0] + 24, size)
+    elif kind == "square":
+        x0, y0 = rng.integers(0, size - SQUARE_SIZE + 1, size=2)
+        box = (x0, y0, x0 + SQUARE_SIZE, y0 + SQUARE_SIZE)
+    else:
+        raise ValueError(f"Unknown occluder {kind!r}; valid choices: {', '.join(OCCLUDERS)}.")
+    return tuple(int(np.clip(round(v), 0, size)) for v in box)
+
+
+def occlude(face, kind, rng):
+    """A copy of `face` with the occluder pasted on, and the occluder's mask bool [H, W]."""
+    x0, y0, x1, y1 = occluder_box(kind, rng, size=face.shape[0])
+    colour = {"sunglasses": (20, 20, 20), "mask": (175, 205, 230)}.get(kind)
+    if colour is None:
+        colour = rng.integers(0, 256, size=3)
+    occluded = face.copy()
+    occluded[y0:y1, x0:x1] = colour
+    mask = np.zeros(face.shape[:2], bool)
+    mask[y0:y1, x0:x1] = True
+    return occluded, mask
+
+
+def cell_coverage(mask, cells):
+    """The share of each grid cell's pixels that `mask` covers: float [rows, cols]."""
+    rows, cols = cells
+    height, width = mask.shape
+    return mask.reshape(rows, height // rows, cols, width // cols).mean(axis=(1, 3))
+
+
+def grey_cells(face, cell_indices, cells):
+    """float32 copy of `face` with the given flat cell indices set to grey."""
+    rows, cols = cells
+    cell_h, cell_w = face.shape[0] // rows, face.shape[1] // cols
+    greyed = face.astype(np.float32)
+    for index in cell_indices:
+        i, j = divmod(int(index), cols)
+        greyed[i * cell_h:(i + 1) * cell_h, j * cell_w:(j + 1) * cell_w] = GREY
+    return greyed
+
+
+# === Running the model in batches ===
+def embed_faces(model, faces, batch_size=BATCH_SIZE):
+    """(embedding [N, D], grid [N, H, W, C]) of faces, in batches."""
+    embeddings, grids = [], []
+    for start in range(0, len(faces), batch_size):
+        outputs = model.embed(np.asarray(faces[start:start + batch_size], np.float32))
+        embeddings.append(np.asarray(outputs["embedding"], np.float32))
+        grids.append(np.asarray(outputs["grid"], np.float32))
+    return np.concatenate(embeddings), np.concatenate(grids)
+
+
+def compare_grids(model, grid_a, grid_b, batch_size=BATCH_SIZE):
+    """The model's `compare` over pairs of grids, in batches: score, cos_map, attention_map."""
+    parts = [model.compare(grid_a[s:s + batch_size], grid_b[s:s + batch_size]) for s in range(0, len(grid_a), batch_size)]
+    return {key: np.concatenate([np.asarray(p[key], np.float32) for p in parts]) for key in parts[0]}
+
+
+def row_cosine(a, b):
+    """Cosine of corresponding rows."""
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return np.sum(a * b, axis=1)
+
+
+# === Measures ===
+def verification_summary(scores, is_same, folds):
+    """10-fold accuracy, TAR at each of `FARS` and ROC points of one score."""
+    accuracy = metrics.k_fold_accuracy(scores, is_same, folds=folds)
+    roc = metrics.roc_curve(scores, is_same)
+    return {
+        "accuracy": accuracy.mean,
+        "accuracy_std": accuracy.std,
+        "fold_accuracies": accuracy.fold_accuracies.tolist(),
+        "tar_at_far": {f"{far:g}": metrics.tar_at_far(scores, is_same, far)._asdict() for far in FARS},
+        "roc": {"far": roc.far.tolist(), "tar": roc.tar.tolist()},
+    }
+
+
+def localisation_rate(cos_maps, coverages):
+    """How often the lowest-cos cell is at least half under the occluder, and the chance rate
+    (the mean share of such cells)."""
+    flat_cos = cos_maps.reshape(len(cos_maps), -1)
+    flat_cover = coverages.reshape(len(coverages), -1) >= 0.5
+    hits = flat_cover[np.arange(len(flat_cos)), np.argmin(flat_cos, axis=1)]
+    return float(hits.mean()), float(flat_cover.mean())
+
+
+def deletion_curves(model, grid_a, faces_b, contributions, rng, batch_size=BATCH_SIZE):
+    """Scores while the cells of each face B are greyed out cumulatively.
+
+    Args:
+        model: a runtime with `embed` and `compare`.
+        grid_a: float32 [P, H, W, C], the grids of faces A (kept intact).
+        faces_b: uint8 [P, 112, 112, 3].
+        contributions: float [P, H, W], `cos_map * attention_map` of the intact pairs.
+        rng: numpy Generator for the random order.
+
+    Returns:
+        (by_contribution, random): float32 [P, cells + 1], column k = the score after greying
+        the first k cells (largest contribution first / random order).
+    """
+    cells = contributions.shape[1:]
+    count = cells[0] * cells[1]
+    curves = {"contribution": [], "random": []}
+    for pair in range(len(faces_b)):
+        orders = {
+            "contribution": np.argsort(-contributions[pair].reshape(-1), kind="stable"),
+            "random": rng.permutation(count),
+        }
+        for name, order in orders.items():
+            greyed = np.stack([grey_cells(faces_b[pair], order[:k], cells) for k in range(count + 1)])
+            _, grid_b = embed_faces(model, greyed, batch_size)
+            repeated_a = np.repeat(grid_a[pair:pair + 1], count + 1, axis=0)
+            curves[name].append(compare_grids(model, repeated_a, grid_b, batch_size)["score"])
+    return np.array(curves["contribution"]), np.array(curves["random"])
+
+
+def curve_area(curve):
+    """Area under a curve sampled at evenly spaced fractions 0..1 (trapezoids)."""
+    curve = np.asarray(curve, np.float64)
+    return float(np.sum(curve[1:] + curve[:-1]) / (2 * (len(curve) - 1)))
+
+
+def pearson(x, y):
+    """Pearson's correlation coefficient of two 1-D arrays."""
+    return float(np.corrcoef(np.asarray(x, np.float64), np.asarray(y, np.float64))[0, 1])
+
+
+def _log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def evaluate_pairs(model, pairs, teacher=None, occluders=OCCLUDERS, deletion_pairs=100, seed=0):
+    """Every measure of this module on one `PairSet`; returns a JSON-ready dict.
+
+    Args:
+        model: a runtime (`xcos_tf.runtime.load`) or anything with its `embed` and `compare`.
+        pairs: `PairSet`.
+        teacher: optional `xcos_tf.teacher.Teacher`; without it, the teacher row uses
+            `pairs.teacher_cos` when the pairs carry it (no teacher row under occlusion then).
+        occluders: names from `OCCLUDERS`.
+        deletion_pairs: int, same-person pairs (evenly spread) for the deletion curves; 0 skips.
+        seed: int, seeds the random squares and the random deletion order.
+    """
+    rng = np.random.default_rng(seed)
+    index_a, index_b, is_same = pairs.index_a, pairs.index_b, pairs.is_same
+    _log(f"embedding {len(pairs.faces)} faces of {len(pairs)} pairs")
+    embedding, grid = embed_faces(model, pairs.faces)
+    clean = compare_grids(model, grid[index_a], grid[index_b])
+    cells = clean["cos_map"].shape[1:]
+    scores = {"xcos": clean["score"], "cosine": row_cosine(embedding[index_a], embedding[index_b])}
+    if teacher is not None:
+        teacher_embedding = teacher.embed(pairs.faces)
+        scores["teacher"] = row_cosine(teacher_embedding[index_a], teacher_embedding[index_b])
+    elif pairs.teacher_cos is not None:
+        scores["teacher"] = np.asarray(pairs.teacher_cos, np.float32)
+    results = {
+        "source": pairs.source,
+        "pairs": len(pairs),
+        "same_pairs": int(is_same.sum()),
+        "folds": int(len(np.unique(pairs.folds))),
+        "verification": {name: verification_summary(s, is_same, pairs.folds) for name, s in scores.items()},
+    }
+
+    same = np.flatnonzero(is_same)
+    results["occlusion"] = {}
+    for kind in occluders:
+        _log(f"occluder {kind!r} on face B of every pair")
+        occluded, masks = zip(*(occlude(pairs.faces[j], kind, rng) for j in index_b))
+        occluded = np.stack(occluded)
+        occluded_embedding, occluded_grid = embed_faces(model, occluded)
+        outputs = compare_grids(model, grid[index_a], occluded_grid)
+        occluded_scores = {"xcos": outputs["score"], "cosine": row_cosine(embedding[index_a], occluded_embedding)}
+        if teacher is not None:
+            occluded_scores["teacher"] = row_cosine(teacher_embedding[index_a], teacher.embed(occluded))
+        coverage = np.stack([cell_coverage(mask, cells) for mask in masks])
+        hit_rate, chance = localisation_rate(outputs["cos_map"][same], coverage[same])
+        results["occlusion"][kind] = {
+            "accuracy": {n: metrics.k_fold_accuracy(s, is_same, folds=pairs.folds).mean for n, s in occluded_scores.items()},
+            "localisation": hit_rate,
+            "localisation_chance": chance,
+        }
+
+    if deletion_pairs and len(same):
+        chosen = same[spread_subset(len(same), deletion_pairs)]
+        _log(f"deletion curves on {len(chosen)} same-person pairs ({cells[0] * cells[1] + 1} steps, 2 orders)")
+        contributions = clean["cos_map"][chosen] * clean["attention_map"][chosen]
+        by_contribution, by_random = deletion_curves(
+            model, grid[index_a[chosen]], pairs.faces[index_b[chosen]], contributions, rng
+        )
+        areas = np.array([[curve_area(c), curve_area(r)] for c, r in zip(by_contribution, by_random)])
+        results["deletion"] = {
+            "pairs": len(chosen),
+            "fraction_deleted": np.linspace(0, 1, by_contribution.shape[1]).tolist(),
+            "contribution_curve": by_contribution.mean(axis=0).tolist(),
+            "random_curve": by_random.mean(axis=0).tolist(),
+            "contribution_auc": float(areas[:, 0].mean()),
+            "random_auc": float(areas[:, 1].mean()),
+            "pairs_faster_than_random": float(np.mean(areas[:, 0] < areas[:, 1])),
+        }
+    if "teacher" in scores:
+        results["correlation"] = {"pearson_xcos_teacher": pearson(scores["xcos"], scores["teacher"]),
+                                  "pearson_cosine_teacher": pearson(scores["cosine"], scores["teacher"])}
+    return results
+
+
+ROW_NAMES = {"xcos": "xCos score", "cosine": "plain cosine (embedding)", "teacher": "teacher cosine"}
+
+
+def format_table(results):
+    """The printed summary: one table, verification rows, occlusion rows, faithfulness."""
+    names = list(results["verification"])
+    far_keys = [f"{far:g}" for far in FARS]
+    lines = [
+        f"{results['pairs']} pairs ({results['same_pairs']} same-person), {results['folds']} folds: {results['source']}",
+        "",
+        f"{'':34}" + "".join(f"{ROW_NAMES[n]:>27}" for n in names),
+    ]
+    verification = results["verification"]
+    lines.append(f"{'10-fold accuracy':34}" + "".join(
+        f"{100 * verification[n]['accuracy']:>19.2f} ± {100 * verification[n]['accuracy_std']:4.2f} %" for n in names))
+    for key in far_keys:
+        lines.append(f"{'TAR @ FAR=' + key:34}" + "".join(
+            f"{100 * verification[n]['tar_at_far'][key]['tar']:>25.2f} %" for n in names))
+    for kind, row in results["occlusion"].items():
+        lines.append(f"{'occluded (' + kind + ') accuracy':34}" + "".join(
+            f"{100 * row['accuracy'][n]:>25.2f} %" if n in row["accuracy"] else f"{'-':>27}" for n in names))
+    lines.append("")
+    lines.append("faithfulness of the maps")
+    for kind, row in results["occlusion"].items():
+        lines.append(f"  lowest-cos cell under the {kind:<10}: {100 * row['localisation']:6.2f} % of same-person pairs"
+                     f" (chance {100 * row['localisation_chance']:.2f} %)")
+    if "deletion" in results:
+        deletion = results["deletion"]
+        lines.append(f"  deletion AUC of the xCos score, {deletion['pairs']} same-person pairs: by contribution "
+                     f"{deletion['contribution_auc']:.4f}, random order {deletion['random_auc']:.4f} "
+                     f"(lower = the map ranks the cells that carry the score; faster than random in "
+                     f"{100 * deletion['pairs_faster_than_random']:.0f} % of pairs)")
+    if "correlation" in results:
+        correlation = results["correlation"]
+        lines.append(f"  Pearson r with the teacher cosine: xCos score {correlation['pearson_xcos_teacher']:.4f}, "
+                     f"plain cosine {correlation['pearson_cosine_teacher']:.4f}")
+    return "\n".join(lines)
+
+
+def _new_figure(size):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=size, dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save_plots(results, pairs, out_dir, seed=0):
+    """roc.png, deletion.png (when measured) and occluders.png into `out_dir`; returns the paths."""
+    written = []
+    figure = _new_figure((6.5, 5))
+    ax = figure.subplots()
+    for name, row in results["verification"].items():
+        far, tar = np.array(row["roc"]["far"]), np.array(row["roc"]["tar"])
+        keep = far > 0
+        ax.step(far[keep], tar[keep], where="post", label=f"{ROW_NAMES[name]} ({100 * row['accuracy']:.2f} %)")
+    ax.set_xscale("log")
+    ax.set_xlabel("false accept rate")
+    ax.set_ylabel("true accept rate")
+    ax.set_title(f"ROC, {results['pairs']} pairs")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    written.append(os.path.join(out_dir, "roc.png"))
+    figure.savefig(written[-1])
+
+    if "deletion" in results:
+        deletion = results["deletion"]
+        figure = _new_figure((6.5, 4.5))
+        ax = figure.subplots()
+        x = np.array(deletion["fraction_deleted"])
+        ax.plot(x, deletion["contribution_curve"],
+                label=f"largest cos x attention first (AUC {deletion['contribution_auc']:.3f})")
+        ax.plot(x, deletion["random_curve"], label=f"random order (AUC {deletion['random_auc']:.3f})")
+        ax.set_xlabel("share of face B's cells greyed out")
+        ax.set_ylabel("mean xCos score")
+        ax.set_title(f"Deletion curves, {deletion['pairs']} same-person pairs")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        written.append(os.path.join(out_dir, "deletion.png"))
+        figure.savefig(written[-1])
+
+    kinds = list(results["occlusion"])
+    if kinds:
+        face = pairs.faces[pairs.index_b[0]]
+        figure = _new_figure((2.2 * (len(kinds) + 1), 2.6))
+        axes = np.atleast_1d(figure.subplots(1, len(kinds) + 1))
+        rng = np.random.default_rng(seed)
+        for ax, (label, image) in zip(axes, [("face B", face)] + [(k, occlude(face, k, rng)[0]) for k in kinds]):
+            ax.imshow(image)
+            ax.set_title(label, fontsize=9)
+            ax.set_axis_off()
+        written.append(os.path.join(out_dir, "occluders.png"))
+        figure.savefig(written[-1])
+    return written
+
+
+def define_flags():
+    """The command-line flags, defined only when this module runs as the script (absl refuses
+    a flag defined twice, and other modules define `--model` too)."""
+    return types.SimpleNamespace(
+        model=flags.DEFINE_string("model", None, "Exported model folder (`python -m xcos_tf.export`)."),
+        format=flags.DEFINE_enum("format", "saved_model", FORMATS, "Which of the exported formats to run."),
+        pairs=flags.DEFINE_string("pairs", None, "Pair shards (folder, file or glob) or an LFW folder with pairs.txt and images/."),
+        teacher=flags.DEFINE_string("teacher", None, "Teacher model (.onnx, .tflite, SavedModel) for the teacher row."),
+        out_dir=flags.DEFINE_string("out_dir", "evaluation", "Folder for results.json and the PNG curves."),
+        max_pairs=flags.DEFINE_integer("max_pairs", None, "Evaluate at most this many pairs, evenly spread over the folds.", lower_bound=20),
+        deletion_pairs=flags.DEFINE_integer("deletion_pairs", 100, "Same-person pairs for the deletion curves (0: skip).", lower_bound=0),
+        seed=flags.DEFINE_integer("seed", 0, "Seed of the random squares and the random deletion order."),
+        detector=flags.DEFINE_string("detector", DEFAULT_DETECTOR, "YuNet face detector ONNX file (LFW folders)."),
+    )
+
+
+def _fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def main(argv, args):
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]}; give the pairs with --pairs")
+    if args.teacher.value and not os.path.exists(args.teacher.value):
+        _fail(f"--teacher: not found: {args.teacher.value!r}")
+    try:
+        pairs = load_pairs(args.pairs.value, args.detector.value, args.max_pairs.value)
+    except (OSError, ValueError) as err:
+        _fail(f"--pairs {args.pairs.value}: {err}")
+    from xcos_tf import runtime
+
+    try:
+        model = runtime.load(args.model.value, format=args.format.value)
+    except (OSError, ValueError) as err:
+        _fail(f"--model {args.model.value}: {err}")
+    teacher = None
+    if args.teacher.value:
+        from xcos_tf.teacher import Teacher
+
+        teacher = Teacher(args.teacher.value)
+    results = evaluate_pairs(model, pairs, teacher=teacher, deletion_pairs=args.deletion_pairs.value,
+                             seed=args.seed.value)
+    results["model"] = {"path": args.model.value, "format": args.format.value}
+    if args.teacher.value:
+        results["teacher_path"] = args.teacher.value
+    os.makedirs(args.out_dir.value, exist_ok=True)
+    written = save_plots(results, pairs, args.out_dir.value, seed=args.seed.value)
+    results_path = os.path.join(args.out_dir.value, "results.json")
+    with open(results_path, "w") as f:
+        json.dump(results, f, indent=1)
+    print(format_table(results))
+    print(f"\nwrote {results_path}, " + ", ".join(written))
+
+
+if __name__ == "__main__":
+    _ARGS = define_flags()
+    flags.mark_flags_as_required(["model", "pairs"])
+    app.run(lambda argv: main(argv, _ARGS))
