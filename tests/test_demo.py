@@ -8,6 +8,7 @@ leaves nothing behind.
 """
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,7 +23,7 @@ import pytest
 from xcos_tf import demo
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's package; Playwright cannot download one here
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 SERVER_START_TIMEOUT = 90
 PAGE_TIMEOUT_MS = 30_000
@@ -104,7 +105,7 @@ def exported_model(tmp_path, make_tiny_backbone):
 def browser():
     sync_api = pytest.importorskip("playwright.sync_api", reason="needs Playwright: pip install playwright")
     if not os.path.exists(CHROMIUM):
-        pytest.skip(f"needs Debian's Chromium at {CHROMIUM}: apt-get install chromium")
+        pytest.skip(f"needs a Chromium browser at {CHROMIUM} (Debian: apt-get install chromium)")
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:

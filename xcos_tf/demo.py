@@ -21,7 +21,7 @@ import tempfile
 
 from absl import app, flags
 
-from xcos_tf import explain
+from xcos_tf import explain, runtime  # runtime imports a format's engine only in load()
 from xcos_tf.data import align
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -30,7 +30,7 @@ MB = 2**20  # Gradio's "mb" in `max_file_size`: its own size message then says t
 TITLE = "xCos: explainable face verification"
 
 _MODEL = flags.DEFINE_string("model", None, "Exported model folder (`python -m xcos_tf.export`).")
-_FORMAT = flags.DEFINE_enum("format", "saved_model", explain.FORMATS, "Which of the exported formats serves the page.")
+_FORMAT = flags.DEFINE_enum("format", "saved_model", runtime.FORMATS, "Which of the exported formats serves the page.")
 _DETECTOR = flags.DEFINE_string("detector", explain.DEFAULT_DETECTOR, "YuNet face detector ONNX file.")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0 exposes the page to the network).")
 _PORT = flags.DEFINE_integer("port", 7860, "Port to listen on.", lower_bound=1, upper_bound=65535)
@@ -148,8 +148,6 @@ def _model_label(runtime_model, model_dir, model_format):
 
 def main(argv):
     del argv
-    from xcos_tf import runtime
-
     upload_dir = tempfile.mkdtemp(prefix="xcos_demo_")
     # Set before gradio is imported: some of its modules read these at import time.
     os.environ["GRADIO_TEMP_DIR"] = upload_dir
@@ -162,8 +160,8 @@ def main(argv):
         except ImportError:
             sys.exit('xcos_tf.demo needs Gradio: pip install "xcos_tf[demo]"')
         try:
+            aligner = align.FaceAligner(_DETECTOR.value, choose="largest")  # cheap: checked first
             runtime_model = runtime.load(_MODEL.value, format=_FORMAT.value)
-            aligner = align.FaceAligner(_DETECTOR.value, choose="largest")
         except (OSError, ValueError) as err:
             print(f"xcos_tf.demo: {err}", file=sys.stderr)
             sys.exit(explain.EXIT_BAD_INPUT)
