@@ -143,6 +143,16 @@ def _spotlight_panel(ax, face, attention_map, label):
 def render_explanation(face_a, face_b, result, threshold=None, title=None):
     """Draws the explanation of one verified pair; returns the picture as RGB uint8 [H, W, 3].
 
+    See `explanation_figure` for the layout and the arguments.
+    """
+    figure = explanation_figure(face_a, face_b, result, threshold=threshold, title=title)
+    figure.canvas.draw()
+    return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+
+
+def explanation_figure(face_a, face_b, result, threshold=None, title=None):
+    """The explanation of one verified pair as a matplotlib `Figure` (Agg canvas, no pyplot).
+
     Layout (2 rows x 4 panels, about 1300x760 pixels): top row: face A and face B with the
     cell grid, the cos map and the attention map with every cell's value written in (the
     attention in % of the score's weight) and a colour bar each; bottom row: the cos map laid
@@ -167,7 +177,7 @@ def render_explanation(face_a, face_b, result, threshold=None, title=None):
     cos_norm = _cos_norm(threshold)
 
     figure = Figure(figsize=(13.0, 7.6), dpi=100, layout="constrained")
-    canvas = FigureCanvasAgg(figure)
+    FigureCanvasAgg(figure)  # attaches itself as figure.canvas
     axes = figure.subplots(2, 4)
     _face_panel(axes[0, 0], face_a, cells, "face A (aligned)")
     _face_panel(axes[0, 1], face_b, cells, "face B (aligned)")
@@ -184,8 +194,7 @@ def render_explanation(face_a, face_b, result, threshold=None, title=None):
     cos_bar.set_label("cosine" + ("" if threshold is None else f", centred at the threshold {threshold:.2f}"), fontsize=8)
     figure.colorbar(attention_image, ax=axes[0, 3]).set_label("attention, % of the score", fontsize=8)
     figure.suptitle(_title(score, threshold, title), fontsize=12)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    return figure
 
 
 def save_explanation(path, face_a, face_b, result, threshold=None, title=None):
@@ -273,8 +282,8 @@ def explanation_json(result):
         "score": result["score"],
         "decision": result["decision"],
         "threshold": result["threshold"],
-        "cos_map": np.asarray(result["cos_map"]).round(6).tolist(),
-        "attention_map": np.asarray(result["attention_map"]).round(6).tolist(),
+        "cos_map": np.asarray(result["cos_map"], np.float64).round(6).tolist(),
+        "attention_map": np.asarray(result["attention_map"], np.float64).round(6).tolist(),
         "notes": list(result["notes"]),
     }
 
