@@ -1,0 +1,837 @@
+r"""Trains xCos: `python -m xcos_tf.train --flagfile=xcos_tf/configs/local_mobilefacenet.flags`.
+
+One custom loop serves every strategy (default, mirrored, multi_worker): the model and
+optimizers are built in `strategy.scope()`, each step runs `strategy.run` on per-replica
+batches from `strategy.distribute_datasets_from_function`. (Keras 3.15's `model.fit` fails
+under MultiWorkerMirroredStrategy, so the loop does not use it.)
+
+Everything goes into `--model_dir`: `params.json` (the config), `checkpoints/` (every
+`--checkpoint_every` steps; the same command resumes after a crash or `kill -9`, which is the
+promise of `keras.callbacks.BackupAndRestore`), `logs/` (TensorBoard), `best.keras` (best
+evaluation accuracy), `final.keras` and the export. A finished run is not restarted: it says
+so and exits 0 (`--overwrite` starts afresh).
+
+Example:
+
+    python -m xcos_tf.train --flagfile=xcos_tf/configs/local_mobilefacenet.flags \
+        --model_dir=runs/local
+"""
+import dataclasses
+import glob
+import importlib
+import json
+import os
+import shutil
+import sys
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import app, flags, logging
+
+from xcos_tf import backbones, layers, metrics
+from xcos_tf import model as xcos_model
+from xcos_tf.data import pipeline
+
+STRATEGIES = ("default", "mirrored", "multi_worker")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+PARAMS_FILE = "params.json"
+BEST_MODEL = "best.keras"
+FINAL_MODEL = "final.keras"
+_NUM_SUMMARY_PAIRS = 4  # pairs whose cos and attention maps TensorBoard shows
+
+# === Data ===
+_TRAIN_SHARDS = flags.DEFINE_list("train_shards", [], "Glob patterns of the training TFRecord shards.")
+_DATA = flags.DEFINE_enum(
+    "data", "shards", ["shards", "synthetic"], "Training data: the --train_shards, or random synthetic pairs."
+)
+_NUM_CLASSES = flags.DEFINE_integer(
+    "num_classes",
+    0,
+    "Identities in the training data (size of the margin head); 0: from the shards' manifest.json.",
+    lower_bound=0,
+)
+_SAME_FRACTION = flags.DEFINE_float(
+    "same_fraction", 0.5, "Share of same-identity pairs in a batch.", lower_bound=0.0, upper_bound=1.0
+)
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 112, "Side of the square aligned face, in pixels.", lower_bound=16)
+_EVAL_PAIRS = flags.DEFINE_list("eval_pairs", [], "Glob patterns of evaluation pair shards (none: no evaluation).")
+_EVAL_EVERY = flags.DEFINE_integer("eval_every", 1000, "Evaluate every N steps (and at the end).", lower_bound=1)
+_EVAL_MAX_PAIRS = flags.DEFINE_integer(
+    "eval_max_pairs", 0, "Evaluate on at most this many pairs (0: all).", lower_bound=0
+)
+_SHUFFLE_BUFFER = flags.DEFINE_integer("shuffle_buffer", 10000, "Faces in each shuffle buffer.", lower_bound=1)
+_STEPS_PER_EPOCH = flags.DEFINE_integer(
+    "steps_per_epoch", 1000, "Steps in one data epoch; each epoch draws pairs with its own seed.", lower_bound=1
+)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the weights and of the data order.")
+_DETERMINISTIC = flags.DEFINE_bool(
+    "deterministic", False, "Fixed batch order (slower input): a resumed run sees exactly the batches it would have."
+)
+
+# === Model ===
+_BACKBONE = flags.DEFINE_string(
+    "backbone",
+    "mobilefacenet",
+    f"Backbone: one of {', '.join(backbones.NAMES)}, or `package.module:function` taking "
+    "input_shape= and returning a Keras model (a custom backbone). Ignored when "
+    "--init_backbone is a .keras or onnx: model, which brings its own architecture.",
+)
+_INIT_BACKBONE = flags.DEFINE_string(
+    "init_backbone",
+    "",
+    "Pretrained backbone to start from: PATH.keras (a backbone model), PATH.weights.h5 "
+    "(weights of --backbone) or onnx:PATH (a face model imported by xcos_tf.backbones.from_onnx).",
+)
+_ONNX_FEATURE_MAP = flags.DEFINE_string(
+    "onnx_feature_map", "", "With --init_backbone=onnx:PATH, the node whose output is the feature map (default: auto)."
+)
+_FREEZE_BACKBONE = flags.DEFINE_bool("freeze_backbone", False, "Train only the grid head, attention and margin head.")
+_BACKBONE_LR_MULTIPLIER = flags.DEFINE_float(
+    "backbone_lr_multiplier", 1.0, "Learning rate of the backbone relative to --learning_rate.", lower_bound=0.0
+)
+_GRID_CHANNELS = flags.DEFINE_integer("grid_channels", 32, "Channels per grid cell.", lower_bound=1)
+_MARGIN = flags.DEFINE_enum("margin", "cosface", sorted(xcos_model.MARGIN_HEADS), "Margin softmax head.")
+_MARGIN_SCALE = flags.DEFINE_float("margin_scale", 30.0, "Scale s of the margin head.", lower_bound=0.0)
+_MARGIN_VALUE = flags.DEFINE_float("margin_value", 0.35, "Margin m of the margin head.", lower_bound=0.0)
+_ATTENTION = flags.DEFINE_enum("attention", "learned", list(layers.ATTENTION_MODES[:2]), "XCosLayer attention.")
+_SYMMETRIC = flags.DEFINE_bool("symmetric", True, "Symmetric attention: score(a, b) == score(b, a).")
+_CE_WEIGHT = flags.DEFINE_float("ce_weight", 1.0, "Weight of the margin-softmax loss.", lower_bound=0.0)
+_XCOS_WEIGHT = flags.DEFINE_float("xcos_weight", 1.0, "Weight of MSE(score, teacher_cos).", lower_bound=0.0)
+_TEACHER = flags.DEFINE_string(
+    "teacher",
+    "",
+    "Empty: teacher_cos from the embeddings precomputed in the shards. Otherwise a frozen "
+    "teacher run in the graph: a SavedModel folder or .keras model taking RGB 0..255 faces.",
+)
+
+# === Optimisation ===
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Pairs per replica per step.", lower_bound=1)
+_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 10000, "Total training steps.", lower_bound=1)
+_OPTIMIZER = flags.DEFINE_enum("optimizer", "sgd", list(OPTIMIZERS), "Optimizer of the backbone and heads.")
+_LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Learning rate of --optimizer.", lower_bound=0.0)
+_MOMENTUM = flags.DEFINE_float("momentum", 0.9, "SGD momentum.", lower_bound=0.0, upper_bound=1.0)
+_WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay of --optimizer.", lower_bound=0.0)
+_ATTENTION_OPTIMIZER = flags.DEFINE_enum(
+    "attention_optimizer", "adam", ["same"] + list(OPTIMIZERS), "Optimizer of the attention module."
+)
+_ATTENTION_LEARNING_RATE = flags.DEFINE_float(
+    "attention_learning_rate", 1e-3, "Learning rate of --attention_optimizer.", lower_bound=0.0
+)
+_LR_SCHEDULE = flags.DEFINE_enum(
+    "lr_schedule", "constant", ["constant", "cosine"], "Learning rate schedule after the warm-up."
+)
+_WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 0, "Linear warm-up steps.", lower_bound=0)
+_LR_SCALING = flags.DEFINE_enum(
+    "lr_scaling",
+    "none",
+    ["none", "linear"],
+    "linear: multiply the learning rates by the number of replicas (global batch / --batch_size).",
+)
+
+# === Distribution and precision ===
+_STRATEGY = flags.DEFINE_enum(
+    "strategy",
+    "default",
+    list(STRATEGIES),
+    "default: one device; mirrored: all local GPUs (else all logical CPUs); multi_worker: "
+    "MultiWorkerMirroredStrategy configured by the TF_CONFIG environment variable.",
+)
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", 0, "Split the CPU into this many logical devices (0: leave as is).", lower_bound=0
+)
+_MIXED_PRECISION = flags.DEFINE_bool(
+    "mixed_precision", False, "mixed_float16 compute with loss scaling (for GPUs; float32 otherwise)."
+)
+
+# === Run ===
+_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Folder of params, checkpoints, logs and models.")
+_CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 500, "Save a checkpoint every N steps.", lower_bound=1)
+_KEEP_CHECKPOINTS = flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints to keep.", lower_bound=1)
+_LOG_EVERY = flags.DEFINE_integer("log_every", 50, "Write TensorBoard scalars every N steps.", lower_bound=1)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Delete an earlier run in --model_dir and start afresh.")
+_EXPORT_DIR = flags.DEFINE_string(
+    "export_dir", "", "Export the best model here through xcos_tf.export (default: MODEL_DIR/export)."
+)
+_EXPORT_FORMATS = flags.DEFINE_list(
+    "export_formats", ["saved_model"], "Formats for xcos_tf.export (empty: no export)."
+)
+
+# Fields that may change between a run and its resumption.
+_RESUMABLE_FIELDS = (
+    "train_steps", "eval_every", "eval_max_pairs", "checkpoint_every", "keep_checkpoints",
+    "log_every", "overwrite", "export_dir", "export_formats", "cpu_devices",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on; `from_flags` builds it, `validate` checks it.
+
+    The field names are the flag names; `params.json` in the model folder holds one.
+    """
+
+    model_dir: str
+    num_classes: int = 0
+    train_shards: tuple = ()
+    data: str = "shards"
+    same_fraction: float = 0.5
+    image_size: int = 112
+    eval_pairs: tuple = ()
+    eval_every: int = 1000
+    eval_max_pairs: int = 0
+    shuffle_buffer: int = 10000
+    steps_per_epoch: int = 1000
+    seed: int = 0
+    deterministic: bool = False
+    backbone: str = "mobilefacenet"
+    init_backbone: str = ""
+    onnx_feature_map: str = ""
+    freeze_backbone: bool = False
+    backbone_lr_multiplier: float = 1.0
+    grid_channels: int = 32
+    margin: str = "cosface"
+    margin_scale: float = 30.0
+    margin_value: float = 0.35
+    attention: str = "learned"
+    symmetric: bool = True
+    ce_weight: float = 1.0
+    xcos_weight: float = 1.0
+    teacher: str = ""
+    batch_size: int = 32
+    train_steps: int = 10000
+    optimizer: str = "sgd"
+    learning_rate: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    attention_optimizer: str = "adam"
+    attention_learning_rate: float = 1e-3
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    lr_scaling: str = "none"
+    strategy: str = "default"
+    cpu_devices: int = 0
+    mixed_precision: bool = False
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 50
+    overwrite: bool = False
+    export_dir: str = ""
+    export_formats: tuple = ("saved_model",)
+
+    @classmethod
+    def from_flags(cls):
+        """The config of the parsed flags (each field's flag has the field's name)."""
+        values = {field.name: flags.FLAGS[field.name].value for field in dataclasses.fields(cls)}
+        for name, value in values.items():
+            if isinstance(value, list):
+                values[name] = tuple(value)
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, path):
+        with open(path) as f:
+            values = json.load(f)
+        known = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known})
+
+    def to_json(self):
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    def validate(self):
+        """Raises `ConfigError` naming the flag for a bad or inconsistent value; no graph is built."""
+        if not self.model_dir:
+            raise ConfigError("model_dir", "is required")
+        if self.data == "shards":
+            if not self.train_shards:
+                raise ConfigError("train_shards", "is required with --data=shards")
+            _check_globs("train_shards", self.train_shards)
+        if self.eval_pairs:
+            _check_globs("eval_pairs", self.eval_pairs)
+        if self.num_classes < 0 or (self.data == "synthetic" and self.num_classes < 2):
+            raise ConfigError("num_classes", f"must be >= 2 with --data=synthetic, >= 0 otherwise. Received: {self.num_classes}")
+        if ":" in self.backbone and self.backbone.count(":") != 1:
+            raise ConfigError("backbone", f"expected NAME or package.module:function. Received: {self.backbone!r}")
+        if ":" not in self.backbone and self.backbone not in backbones.NAMES:
+            raise ConfigError("backbone", f"unknown backbone {self.backbone!r}; valid: {', '.join(backbones.NAMES)}")
+        if self.init_backbone:
+            kind, path = _init_backbone_kind(self.init_backbone)
+            if kind is None:
+                raise ConfigError(
+                    "init_backbone", f"expected PATH.keras, PATH.weights.h5 or onnx:PATH. Received: {self.init_backbone!r}"
+                )
+            if not os.path.isfile(path):
+                raise ConfigError("init_backbone", f"no such file: {path!r}")
+        if self.freeze_backbone and self.backbone_lr_multiplier != 1.0:
+            raise ConfigError("backbone_lr_multiplier", "has no effect with --freeze_backbone; leave it at 1")
+        if self.teacher:
+            if not (os.path.isfile(os.path.join(self.teacher, "saved_model.pb")) or (
+                self.teacher.endswith(".keras") and os.path.isfile(self.teacher)
+            )):
+                raise ConfigError("teacher", f"expected a SavedModel folder or an existing .keras file. Received: {self.teacher!r}")
+        if self.ce_weight + self.xcos_weight <= 0:
+            raise ConfigError("xcos_weight", "and --ce_weight must not both be 0")
+        if self.warmup_steps >= self.train_steps and self.warmup_steps > 0:
+            raise ConfigError("warmup_steps", f"must be < --train_steps={self.train_steps}. Received: {self.warmup_steps}")
+        if self.cpu_devices == 1:
+            raise ConfigError("cpu_devices", "must be 0 (leave as is) or >= 2")
+        for name, value in (("batch_size", self.batch_size), ("train_steps", self.train_steps)):
+            if value < 1:
+                raise ConfigError(name, f"must be >= 1. Received: {value}")
+        unknown_formats = set(self.export_formats) - set(_export_formats())
+        if _export_formats() and unknown_formats:
+            raise ConfigError("export_formats", f"unknown {sorted(unknown_formats)}; valid: {', '.join(_export_formats())}")
+
+
+class ConfigError(ValueError):
+    """A bad flag value: the message starts with the flag's name."""
+
+    def __init__(self, flag, message):
+        super().__init__(f"--{flag} {message}")
+        self.flag = flag
+
+
+def resolve_data(config):
+    """Checks the shards (corrupt records, labels, teacher embeddings) and fills in
+    `num_classes` from them; raises `ConfigError` naming the flag. Reads labels only."""
+    if config.eval_pairs:
+        _scan("eval_pairs", config.eval_pairs, "pairs")
+    if config.data == "shards":
+        scan = _scan("train_shards", config.train_shards, "faces", num_classes=config.num_classes or None)
+        if scan.teacher_dim == 0 and not config.teacher:
+            raise ConfigError("train_shards", "hold no teacher embeddings: re-create them with a teacher, or pass --teacher")
+        return dataclasses.replace(config, num_classes=scan.num_classes)
+    return config
+
+
+def _scan(flag, patterns, kind, **kwargs):
+    try:
+        return pipeline.scan_shards(list(patterns), kind, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ConfigError(flag, f"cannot be used: {error}") from None
+
+
+def _check_globs(flag, patterns):
+    for pattern in patterns:
+        if not glob.glob(pattern):
+            raise ConfigError(flag, f"matches no file: {pattern!r}")
+
+
+def _init_backbone_kind(spec):
+    """('onnx' | 'keras' | 'weights' | None, path) of an --init_backbone value."""
+    if spec.startswith("onnx:"):
+        return "onnx", spec[len("onnx:"):]
+    if spec.endswith(".weights.h5"):
+        return "weights", spec
+    if spec.endswith(".keras"):
+        return "keras", spec
+    return None, spec
+
+
+def _export_formats():
+    """The formats the export module offers, or () while it is absent."""
+    try:
+        export = importlib.import_module("xcos_tf.export")
+    except ImportError:
+        return ()
+    return tuple(getattr(export, "FORMATS", ()))
+
+
+# === Building blocks ===
+
+
+def configure_cpu_devices(count):
+    """Splits the first CPU into `count` logical devices (before TensorFlow starts its runtime)."""
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+    except RuntimeError as error:
+        raise ConfigError("cpu_devices", f"must be set before TensorFlow initialises its devices ({error})") from None
+
+
+def make_strategy(name):
+    """The tf.distribute strategy called `name` (one of STRATEGIES)."""
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in gpus or tf.config.list_logical_devices("CPU")]
+        # CPUs have no NCCL: reduce on one device.
+        cross_device_ops = None if gpus else tf.distribute.ReductionToOneDevice()
+        return tf.distribute.MirroredStrategy(devices, cross_device_ops=cross_device_ops)
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def is_chief(strategy):
+    """Whether this worker writes the run's files (always, outside multi-worker training)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in resolver.cluster_spec().as_dict()
+
+
+def build_backbone(config):
+    """The backbone model the config asks for (pretrained weights loaded)."""
+    input_shape = (config.image_size, config.image_size, 3)
+    kind, path = _init_backbone_kind(config.init_backbone) if config.init_backbone else (None, "")
+    if kind == "onnx":
+        return backbones.from_onnx(path, feature_map=config.onnx_feature_map or None, input_shape=input_shape)
+    if kind == "keras":
+        return keras.saving.load_model(path, compile=False)
+    if ":" in config.backbone:
+        module_name, function_name = config.backbone.split(":")
+        backbone = getattr(importlib.import_module(module_name), function_name)(input_shape=input_shape)
+    else:
+        backbone = backbones.get(config.backbone, input_shape=input_shape)
+    if kind == "weights":
+        backbone.load_weights(path)
+    return backbone
+
+
+def build_model(config, num_replicas=1):
+    """The compiled `XCosTrainer` of the config, weights created (call in `strategy.scope()`)."""
+    backbone = build_backbone(config)
+    backbone.trainable = not config.freeze_backbone
+    trainer = xcos_model.build_trainer(
+        backbone,
+        config.num_classes,
+        image_shape=(config.image_size, config.image_size, 3),
+        grid_channels=config.grid_channels,
+        margin=config.margin,
+        margin_scale=config.margin_scale,
+        margin_value=config.margin_value,
+        attention=config.attention,
+        symmetric=config.symmetric,
+        ce_weight=config.ce_weight,
+        xcos_weight=config.xcos_weight,
+    )
+    lr_factor = num_replicas if config.lr_scaling == "linear" else 1
+    optimizer = _make_optimizer(config, config.optimizer, config.learning_rate * lr_factor)
+    attention_optimizer = None
+    if config.attention_optimizer != "same" and config.attention == "learned":
+        attention_optimizer = _make_optimizer(config, config.attention_optimizer, config.attention_learning_rate * lr_factor)
+    backbone_optimizer = None
+    if config.backbone_lr_multiplier != 1.0 and not config.freeze_backbone:
+        backbone_optimizer = _make_optimizer(
+            config, config.optimizer, config.learning_rate * lr_factor * config.backbone_lr_multiplier
+        )
+    trainer.compile(optimizer=optimizer, attention_optimizer=attention_optimizer, backbone_optimizer=backbone_optimizer)
+    for group_optimizer, variables in trainer.optimizer_groups():
+        group_optimizer.build(variables)  # the slots must exist before a checkpoint restores them
+    return trainer
+
+
+def _make_optimizer(config, name, learning_rate):
+    if config.lr_schedule == "cosine":
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0 if config.warmup_steps else learning_rate,
+            decay_steps=config.train_steps - config.warmup_steps,
+            warmup_target=learning_rate if config.warmup_steps else None,
+            warmup_steps=config.warmup_steps,
+        )
+    elif config.warmup_steps:
+        learning_rate = _WarmUp(learning_rate, config.warmup_steps)
+    weight_decay = config.weight_decay or None
+    if name == "sgd":
+        optimizer = keras.optimizers.SGD(learning_rate, momentum=config.momentum, weight_decay=weight_decay)
+    elif name == "adam":
+        optimizer = keras.optimizers.Adam(learning_rate, weight_decay=weight_decay)
+    else:
+        optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=config.weight_decay)
+    if config.mixed_precision:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+@keras.saving.register_keras_serializable(package="xcos_tf")
+class _WarmUp(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up to a constant learning rate."""
+
+    def __init__(self, learning_rate, warmup_steps):
+        self.learning_rate = learning_rate
+        self.warmup_steps = warmup_steps
+
+    def __call__(self, step):
+        fraction = keras.ops.minimum(keras.ops.cast(step + 1, "float32") / self.warmup_steps, 1.0)
+        return self.learning_rate * fraction
+
+    def get_config(self):
+        return {"learning_rate": self.learning_rate, "warmup_steps": self.warmup_steps}
+
+
+def load_teacher(path):
+    """A frozen in-graph teacher: SavedModel folder or `.keras` model, RGB 0..255 faces -> embedding."""
+    if path.endswith(".keras"):
+        teacher = keras.saving.load_model(path, compile=False)
+    else:
+        teacher = keras.layers.TFSMLayer(path, call_endpoint="serving_default")
+    teacher.trainable = False
+    return teacher
+
+
+def teacher_cosine(teacher, image_a, image_b):
+    """Cosine of the teacher's embeddings of each pair; no gradient flows into the teacher."""
+    embedding = teacher(tf.concat([image_a, image_b], 0), training=False)
+    if isinstance(embedding, dict):
+        (embedding,) = embedding.values()
+    embedding = tf.reshape(tf.cast(embedding, tf.float32), (tf.shape(embedding)[0], -1))
+    embedding_a, embedding_b = tf.split(tf.math.l2_normalize(embedding, axis=-1), 2, axis=0)
+    return tf.stop_gradient(tf.reduce_sum(embedding_a * embedding_b, axis=-1))
+
+
+def train_dataset_fn(config, global_batch_size, epoch, skip_steps):
+    """`input_context -> tf.data.Dataset` of per-replica batches of the config's epoch,
+    fast-forwarded by `skip_steps` global steps (the data position after a restart)."""
+    seed = config.seed * 100003 + epoch  # each epoch draws other pairs
+
+    def dataset_fn(input_context):
+        image_shape = (config.image_size, config.image_size, 3)
+        if config.data == "synthetic":
+            dataset = pipeline.synthetic_pair_dataset(
+                input_context.get_per_replica_batch_size(global_batch_size), image_shape=image_shape,
+                num_classes=config.num_classes, seed=seed, same_fraction=config.same_fraction,
+            )
+        else:
+            # The pipeline splits the global batch per replica and the files per input pipeline.
+            dataset = pipeline.pair_dataset(
+                list(config.train_shards), global_batch_size, same_fraction=config.same_fraction, seed=seed,
+                deterministic=config.deterministic, input_context=input_context, shuffle_buffer=config.shuffle_buffer,
+                num_classes=config.num_classes, image_shape=image_shape,
+            )
+        # Each input pipeline feeds its local replicas one batch each per step.
+        replicas_per_pipeline = input_context.num_replicas_in_sync // input_context.num_input_pipelines
+        return dataset.skip(skip_steps * replicas_per_pipeline)
+
+    return dataset_fn
+
+
+# === The loop ===
+
+
+def train(config):
+    """Trains (or resumes) the run the config describes; returns a dict of per-step loss lists.
+
+    Raises `ConfigError` for bad values and for a model folder that holds another run.
+    """
+    config.validate()
+    config = resolve_data(config)
+    if config.cpu_devices:
+        configure_cpu_devices(config.cpu_devices)
+    strategy = make_strategy(config.strategy)
+    chief = is_chief(strategy)
+    run = _RunFolder(config, chief)
+    if run.finished():
+        logging.info("The run in %s is finished (step %d); --overwrite starts it afresh.", config.model_dir, config.train_steps)
+        if chief and config.export_dir:
+            export(config)
+        return {}
+    keras.utils.set_random_seed(config.seed)
+    if config.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    num_replicas = strategy.num_replicas_in_sync
+    global_batch_size = config.batch_size * num_replicas
+    with strategy.scope():
+        trainer = build_model(config, num_replicas)
+        teacher = load_teacher(config.teacher) if config.teacher else None
+        step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        best_accuracy = tf.Variable(-1.0, dtype=tf.float32, trainable=False, name="best_accuracy")
+    checkpoint = tf.train.Checkpoint(
+        **_trainer_checkpoint_items(trainer),
+        optimizers=[optimizer for optimizer, _ in trainer.optimizer_groups()],
+        step=step,
+        best_accuracy=best_accuracy,
+    )
+    checkpoints = run.checkpoint_managers(checkpoint)
+    restored = checkpoints.restore()
+    logging.info(
+        "%s at step %d: %d replica(s), global batch %d pairs.",
+        "Resuming" if restored else "Starting", int(step.numpy()), num_replicas, global_batch_size,
+    )
+
+    def replica_step(batch):
+        if teacher is not None:
+            batch = dict(batch, teacher_cos=teacher_cosine(teacher, batch["image_a"], batch["image_b"]))
+        with tf.GradientTape(persistent=True) as tape:
+            outputs = trainer(batch, training=True)
+            terms = trainer.compute_loss_terms(batch, outputs)
+            # Optimizers sum the replicas' gradients: divide to get the global-batch mean.
+            loss = terms["loss"] / strategy.num_replicas_in_sync
+        trainer.apply_loss_gradients(tape, loss)
+        return {name: tf.cast(value, tf.float32) for name, value in terms.items()}
+
+    @tf.function
+    def train_step(iterator):
+        terms = strategy.run(replica_step, args=(next(iterator),))
+        return {name: strategy.reduce("MEAN", value, axis=None) for name, value in terms.items()}
+
+    evaluator = _Evaluator(config) if config.eval_pairs and chief else None
+    history = {"step": [], "loss": [], "ce_loss": [], "xcos_loss": []}
+    progbar = keras.utils.Progbar(config.train_steps, verbose=1 if chief else 0, stateful_metrics=["lr"])
+    start_time, start_step = time.time(), int(step.numpy())
+    with run.summary_writer.as_default():
+        while int(step.numpy()) < config.train_steps:
+            epoch, position = divmod(int(step.numpy()), config.steps_per_epoch)
+            dataset = strategy.distribute_datasets_from_function(
+                train_dataset_fn(config, global_batch_size, epoch, position)
+            )
+            iterator = iter(dataset)
+            for _ in range(min(config.steps_per_epoch - position, config.train_steps - int(step.numpy()))):
+                terms = {name: float(value) for name, value in train_step(iterator).items()}
+                step.assign_add(1)
+                current = int(step.numpy())
+                if not np.isfinite(terms["loss"]):
+                    raise FloatingPointError(f"The loss became {terms['loss']} at step {current}; stopping.")
+                for name, value in terms.items():
+                    history[name].append(value)
+                history["step"].append(current)
+                learning_rate = _learning_rate(trainer.optimizer)
+                progbar.update(current, [(name, value) for name, value in terms.items()] + [("lr", learning_rate)])
+                if current % config.log_every == 0 or current == config.train_steps:
+                    _write_scalars(trainer, terms, current, global_batch_size * (current - start_step) * 2 / (time.time() - start_time))
+                if current % config.checkpoint_every == 0 or current == config.train_steps:
+                    checkpoints.save(current)
+                if evaluator and (current % config.eval_every == 0 or current == config.train_steps):
+                    accuracy = evaluator.evaluate(trainer, current)
+                    if accuracy > float(best_accuracy.numpy()):
+                        best_accuracy.assign(accuracy)
+                        run.save_model(trainer, BEST_MODEL)
+                        logging.info("New best xCos accuracy %.4f at step %d: saved %s.", accuracy, current, BEST_MODEL)
+    run.save_model(trainer, FINAL_MODEL)
+    run.summary_writer.flush()
+    if not evaluator:
+        run.save_model(trainer, BEST_MODEL)  # without evaluation the last model is the best one known
+    run.close()
+    if chief:
+        export(config)
+    return history
+
+
+def _trainer_checkpoint_items(trainer):
+    """What a checkpoint holds of the trainer: the object graph, plus every weight in order,
+    because tf.train.Checkpoint does not follow layers that a Keras 3 layer keeps in a list
+    (the XCosLayer's attention stacks) and would silently skip their weights."""
+    return {"trainer": trainer, "trainer_weights": list(trainer.weights)}
+
+
+def _write_scalars(trainer, terms, step, images_per_second):
+    for name, value in terms.items():
+        tf.summary.scalar(f"train/{name}", value, step=step)
+    for optimizer, _ in trainer.optimizer_groups():
+        tf.summary.scalar(f"learning_rate/{optimizer.name}", _learning_rate(optimizer), step=step)
+    tf.summary.scalar("train/images_per_second", images_per_second, step=step)
+
+
+def _learning_rate(optimizer):
+    # A mirrored variable (or a schedule's tensor): read through a tensor, not float().
+    return float(tf.convert_to_tensor(optimizer.learning_rate))
+
+
+class _RunFolder:
+    """The model folder of a run: params.json, checkpoints, logs, models.
+
+    Only the chief writes into it; other workers write the same files to a temporary folder
+    that is deleted (all workers must call save, MultiWorkerMirroredStrategy's pattern).
+    """
+
+    def __init__(self, config, chief):
+        self.config = config
+        self.chief = chief
+        self.model_dir = config.model_dir
+        self.checkpoint_dir = os.path.join(self.model_dir, "checkpoints")
+        params_path = os.path.join(self.model_dir, PARAMS_FILE)
+        if chief and config.overwrite:
+            for name in (PARAMS_FILE, BEST_MODEL, FINAL_MODEL, "checkpoints", "logs"):
+                path = os.path.join(self.model_dir, name)
+                if tf.io.gfile.isdir(path):
+                    tf.io.gfile.rmtree(path)
+                elif tf.io.gfile.exists(path):
+                    tf.io.gfile.remove(path)
+        if tf.io.gfile.exists(params_path) and not config.overwrite:
+            _check_same_run(TrainConfig.from_json(params_path), config, params_path)
+        self.write_dir = self.model_dir if chief else os.path.join(self.model_dir, f".worker_tmp_{os.getpid()}")
+        tf.io.gfile.makedirs(self.write_dir)
+        if chief:
+            with tf.io.gfile.GFile(params_path, "w") as f:
+                f.write(config.to_json())
+        self.summary_writer = (
+            tf.summary.create_file_writer(os.path.join(self.model_dir, "logs")) if chief else tf.summary.create_noop_writer()
+        )
+
+    def finished(self):
+        latest = tf.train.latest_checkpoint(self.checkpoint_dir)
+        last_step = int(latest.rsplit("-", 1)[1]) if latest else 0
+        return last_step >= self.config.train_steps and tf.io.gfile.exists(os.path.join(self.model_dir, FINAL_MODEL))
+
+    def checkpoint_managers(self, checkpoint):
+        return _Checkpoints(checkpoint, self.checkpoint_dir, os.path.join(self.write_dir, "checkpoints"), self.config.keep_checkpoints)
+
+    def save_model(self, trainer, name):
+        path = os.path.join(self.write_dir, name)
+        trainer.save(path)
+        if not self.chief:
+            tf.io.gfile.remove(path)
+
+    def close(self):
+        self.summary_writer.close()
+        if not self.chief and tf.io.gfile.exists(self.write_dir):
+            tf.io.gfile.rmtree(self.write_dir)
+
+
+class _Checkpoints:
+    """Restores from the chief's folder; saves into this worker's write folder."""
+
+    def __init__(self, checkpoint, checkpoint_dir, write_dir, keep):
+        self.checkpoint = checkpoint
+        self.checkpoint_dir = checkpoint_dir
+        self.write_dir = write_dir
+        self.manager = tf.train.CheckpointManager(checkpoint, write_dir, max_to_keep=keep)
+
+    def restore(self):
+        latest = tf.train.latest_checkpoint(self.checkpoint_dir)
+        if latest:
+            self.checkpoint.restore(latest).assert_existing_objects_matched()
+        return latest
+
+    def save(self, step):
+        self.manager.save(checkpoint_number=step)
+        if self.write_dir != self.checkpoint_dir:
+            tf.io.gfile.rmtree(self.write_dir)
+
+
+def _check_same_run(saved, config, params_path):
+    different = [
+        field.name
+        for field in dataclasses.fields(TrainConfig)
+        if field.name not in _RESUMABLE_FIELDS and getattr(saved, field.name) != getattr(config, field.name)
+    ]
+    if different:
+        changes = ", ".join(f"--{name}={getattr(saved, name)!r} -> {getattr(config, name)!r}" for name in different)
+        raise ConfigError(
+            different[0],
+            f"differs from the run already in {os.path.dirname(params_path)} ({changes}); "
+            "use another --model_dir, or --overwrite to start afresh",
+        )
+
+
+class _Evaluator:
+    """10-fold accuracy of the xCos score and of the plain embedding cosine on the eval pairs,
+    plus TensorBoard images of the cos and attention maps of a few fixed pairs."""
+
+    def __init__(self, config):
+        self.config = config
+        self.pairs = _load_eval_pairs(config)
+
+    def evaluate(self, trainer, step):
+        verifier = xcos_model.build_verifier(trainer)
+        scores, cosines, maps = [], [], None
+        for start in range(0, len(self.pairs["is_same"]), 64):
+            image_a = self.pairs["image_a"][start:start + 64]
+            image_b = self.pairs["image_b"][start:start + 64]
+            outputs = verifier.verify({"image_a": image_a, "image_b": image_b}, training=False)
+            embedding_a = verifier.embed({"image": image_a}, training=False)["embedding"]
+            embedding_b = verifier.embed({"image": image_b}, training=False)["embedding"]
+            scores.append(np.asarray(outputs["score"]))
+            cosines.append(np.sum(np.asarray(embedding_a) * np.asarray(embedding_b), axis=-1))
+            if maps is None:
+                maps = {key: np.asarray(outputs[key][:_NUM_SUMMARY_PAIRS]) for key in ("cos_map", "attention_map")}
+        is_same = self.pairs["is_same"]
+        # The shards' own folds (LFW's 10) when they have several, else 10 consecutive folds.
+        folds = self.pairs["fold"] if len(np.unique(self.pairs["fold"])) >= 2 else 10
+        xcos = metrics.k_fold_accuracy(np.concatenate(scores), is_same, folds)
+        cosine = metrics.k_fold_accuracy(np.concatenate(cosines), is_same, folds)
+        tf.summary.scalar("eval/xcos_accuracy", xcos.mean, step=step)
+        tf.summary.scalar("eval/cosine_accuracy", cosine.mean, step=step)
+        tf.summary.image("eval/pairs_cos_attention", _map_panels(self.pairs, maps), step=step, max_outputs=_NUM_SUMMARY_PAIRS)
+        logging.info("Step %d: 10-fold accuracy xCos %.4f, embedding cosine %.4f.", step, xcos.mean, cosine.mean)
+        return xcos.mean
+
+
+def _load_eval_pairs(config):
+    """The evaluation pairs as numpy arrays: image_a, image_b, is_same, fold."""
+    keys = ("image_a", "image_b", "is_same", "fold")
+    pairs = {key: [] for key in keys}
+    image_shape = (config.image_size, config.image_size, 3)
+    for batch in pipeline.eval_pair_dataset(list(config.eval_pairs), 64, image_shape=image_shape):
+        for key in keys:
+            pairs[key].append(batch[key].numpy())
+    pairs = {key: np.concatenate(value) for key, value in pairs.items()}
+    if config.eval_max_pairs:
+        pairs = {key: value[: config.eval_max_pairs] for key, value in pairs.items()}
+    if len(pairs["is_same"]) < 10:
+        raise ConfigError("eval_pairs", f"holds {len(pairs['is_same'])} pairs; 10-fold accuracy needs at least 10")
+    return pairs
+
+
+def _map_panels(pairs, maps):
+    """One RGB image per pair: face a | face b | cos map | attention map (maps as grey levels).
+
+    cos in [-1, 1] maps to [0, 1]; attention is scaled by its maximum so its pattern shows.
+    """
+    size = pairs["image_a"].shape[1]
+    count = len(maps["cos_map"])
+
+    def panel(cell_map):
+        grey = tf.image.resize(cell_map[..., None], (size, size), method="nearest")
+        return tf.tile(grey, (1, 1, 1, 3))
+
+    attention = maps["attention_map"] / np.maximum(maps["attention_map"].max(axis=(1, 2), keepdims=True), 1e-12)
+    return tf.concat(
+        [
+            pairs["image_a"][:count] / 255.0,
+            pairs["image_b"][:count] / 255.0,
+            panel((maps["cos_map"] + 1.0) / 2.0),
+            panel(attention),
+        ],
+        axis=2,
+    )
+
+
+# === Models for the export tool ===
+
+
+def load_trainer(model_dir):
+    """The trainer of a run, rebuilt from its params.json, with the latest checkpoint restored."""
+    params_path = os.path.join(model_dir, PARAMS_FILE)
+    if not tf.io.gfile.exists(params_path):
+        raise FileNotFoundError(f"No {PARAMS_FILE} in {model_dir!r}: not a training run folder.")
+    config = TrainConfig.from_json(params_path)
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    if not latest:
+        raise FileNotFoundError(f"No checkpoint in {os.path.join(model_dir, 'checkpoints')!r}.")
+    trainer = build_model(config)
+    tf.train.Checkpoint(**_trainer_checkpoint_items(trainer)).restore(latest).expect_partial().assert_existing_objects_matched()
+    return trainer
+
+
+def export(config):
+    """Exports the run's best model through xcos_tf.export (when that module is present)."""
+    if not config.export_formats:
+        return None
+    try:
+        from xcos_tf.export import export_model
+    except ImportError:
+        logging.warning("xcos_tf.export is not available: the model was not exported.")
+        return None
+    out_dir = config.export_dir or os.path.join(config.model_dir, "export")
+    export_model(os.path.join(config.model_dir, BEST_MODEL), out_dir, formats=list(config.export_formats))
+    logging.info("Exported %s to %s.", BEST_MODEL, out_dir)
+    return out_dir
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        config = TrainConfig.from_flags()
+        config.validate()
+        train(config)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)
