@@ -3,6 +3,7 @@ import functools
 
 from xcos_tf.backbones.iresnet import iresnet
 from xcos_tf.backbones.mobilefacenet import mobilefacenet
+from xcos_tf.backbones.onnx_import import from_onnx
 
 _BUILDERS = {
     "mobilefacenet": mobilefacenet,
