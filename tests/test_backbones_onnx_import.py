@@ -109,12 +109,18 @@ def _check_tf2onnx_import(model, path):
     input_shape = tuple(model.input.shape[1:])
     imported = backbones.from_onnx(path, input_shape=input_shape, pixel_mean=0.0, pixel_scale=1.0)
     assert imported.output.shape == model.output.shape
+    # tf2onnx writes PReLU as Relu(x) + Relu(-x) * -alpha; the import makes it one layer again.
+    assert _count_layers(imported, keras.layers.PReLU) == _count_layers(model, keras.layers.PReLU)
     pixels = np.random.default_rng(2).uniform(0, 255, (2, *input_shape)).astype("float32")
     expected = model.predict(pixels, verbose=0)
     difference = np.abs(imported.predict(pixels, verbose=0) - expected).max()
     assert np.abs(expected).std() > 0.05  # a real signal, not a collapsed one
     assert difference < TOLERANCE, difference
     return difference
+
+
+def _count_layers(model, layer_type):
+    return sum(isinstance(layer, layer_type) for layer in model.layers)
 
 
 @pytest.fixture

@@ -5,15 +5,15 @@ Example:
 ```python
 from xcos_tf import backbones
 
-# MobileFaceNet trained on MS1M, input (x - 127.5) / 128 NCHW: cut before its GDConv head.
+# MobileFaceNet exported from PyTorch (NCHW, (x - 127.5) / 128): cut before its GDConv head.
 backbone = backbones.from_onnx("../shared/models/teacher_mobilefacenet.onnx")
 backbone.output.shape  # (None, 7, 7, 512), from RGB pixels 0..255 [N, 112, 112, 3]
 
-# A model that scales its input itself (e.g. exported by tf2onnx from Keras): pass pixels
-# through unchanged, and cut at a named node or tensor instead of the automatic choice.
-backbone = backbones.from_onnx(
-    "ir50.onnx", feature_map="Transpose__492", pixel_mean=0.0, pixel_scale=1.0
-)
+# End at a named node (or tensor) instead: here the 14x14x128 stage.
+backbones.from_onnx("../shared/models/teacher_mobilefacenet.onnx", feature_map="/features/features.6/Add")
+
+# A tf2onnx export of a Keras model that scales its pixels itself: pass them through as is.
+backbones.from_onnx("ir50.onnx", pixel_mean=0.0, pixel_scale=1.0)
 ```
 """
 import math
@@ -98,6 +98,7 @@ class _Importer:
         self.rejoined = []  # reasons of blocked branches that flow back into the spatial body
         self.layer_names = {"image", "pixel_scaling"}  # taken by common.pixel_input
         self.weights = {}  # layer name -> ONNX weights in Keras layout, set once the model exists
+        self.producers = {output: node for node in graph.node for output in node.output}
 
     # --- naming -------------------------------------------------------------------------
     def layer_name(self, node, suffix=""):
@@ -122,6 +123,11 @@ class _Importer:
         permute = keras.layers.Permute(tuple(int(a) for a in axes[1:]), name=self.layer_name(node, "_permute"))
         value = permute(tensor.value)
         return _Tensor(value, perm)
+
+    def producer(self, name, op_type):
+        """The node of type `op_type` that computes tensor `name`, or None."""
+        node = self.producers.get(name)
+        return node if node is not None and node.op_type == op_type else None
 
     # --- the walk -----------------------------------------------------------------------
     def run(self, graph):
@@ -167,7 +173,9 @@ class _Importer:
         converter = _CONVERTERS.get(node.op_type)
         if converter is None:
             raise _Unsupported("unsupported op")
-        if not any(isinstance(i, _Tensor) for i in inputs):
+        # The image-derived operand comes first, except for binary ops, where either may be it.
+        operands = inputs[:2] if converter is _binary else inputs[:1]
+        if not any(isinstance(i, _Tensor) for i in operands):
             raise _Unsupported("computes a constant (constant folding is not supported)")
         return converter(self, node, inputs, _attributes(node))
 
@@ -277,11 +285,30 @@ def _prelu(importer, node, inputs, attributes):
     x, slope = inputs
     if not isinstance(slope, np.ndarray):
         raise _Unsupported("a slope that is not a constant")
+    return [_prelu_layer(importer, node, x, slope)]
+
+
+def _prelu_layer(importer, node, x, slope):
     alpha = _per_channel(_keras_layout(slope, x.perm), x.value.shape[-1])
     name = importer.layer_name(node)
     value = common.prelu(x.value, name)
     importer.weights[name] = [alpha.reshape(1, 1, -1)]
-    return [_Tensor(value, x.perm)]
+    return _Tensor(value, x.perm)
+
+
+def _decomposed_prelu(importer, node):
+    """(x, slope) when `node` is tf2onnx's Keras PReLU, Relu(x) + Relu(Neg(x)) * -slope, else None."""
+    for positive, negative in (tuple(node.input), tuple(node.input)[::-1]):
+        relu = importer.producer(positive, "Relu")
+        mul = importer.producer(negative, "Mul")
+        if relu is None or mul is None:
+            continue
+        for product, constant in (tuple(mul.input), tuple(mul.input)[::-1]):
+            negative_relu = importer.producer(product, "Relu")
+            neg = importer.producer(negative_relu.input[0], "Neg") if negative_relu is not None else None
+            if neg is not None and neg.input[0] == relu.input[0] and constant in importer.constants:
+                return importer.tensors[relu.input[0]], -importer.constants[constant]
+    return None
 
 
 def _clip(importer, node, inputs, attributes):
@@ -325,6 +352,12 @@ def _binary(importer, node, inputs, attributes):
     if isinstance(a, _Tensor) and isinstance(b, _Tensor):
         if node.op_type not in _MERGE_LAYERS:
             raise _Unsupported("two tensor operands")
+        prelu = _decomposed_prelu(importer, node) if node.op_type == "Add" else None
+        if prelu is not None:
+            try:  # one PReLU layer, as in the Keras model tf2onnx started from
+                return [_prelu_layer(importer, node, *prelu)]
+            except _Unsupported:
+                pass  # a slope that is not per channel: keep the ops as they are
         b = importer.with_perm(b, a.perm, node)
         value = _MERGE_LAYERS[node.op_type](name=importer.layer_name(node))([a.value, b.value])
         return [_Tensor(value, a.perm)]
@@ -403,8 +436,11 @@ def _reshape(importer, node, inputs, attributes):
         raise _Unsupported("a shape that is not a constant, or a moved batch axis")
     onnx_shape = [x.value.shape[axis] for axis in x.perm]
     target = [onnx_shape[i] if d == 0 and not attributes.get("allowzero", 0) else int(d) for i, d in enumerate(shape)]
-    if len(target) != 4 or target[0] not in (-1, None) or min(target[1:]) < 1:
+    if len(target) != 4 or target[1:].count(-1) > 1 or min(target[1:]) < -1:
         raise _Unsupported(f"a reshape to {shape.tolist()} (only 4-D with the batch first)")
+    if -1 in target[1:]:  # the one inferred size, as the batch keeps its place
+        known = math.prod(d for d in target[1:] if d != -1)
+        target[target.index(-1, 1)] = math.prod(onnx_shape[1:]) // known
     sources = [i for i in (1, 2, 3) if onnx_shape[i] != 1]
     destinations = [i for i in (1, 2, 3) if target[i] != 1]
     if [onnx_shape[i] for i in sources] != [target[i] for i in destinations]:
