@@ -194,16 +194,7 @@ def test_without_a_threshold_only_the_score_is_printed(shared_dir, capsys, monke
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A tiny model exported as a SavedModel with a threshold."""
-    from xcos_tf import export, model
-
-    import keras
-
-    keras.utils.set_random_seed(0)
-    trainer = model.build_trainer(tiny_verifiers.conv_backbone(), num_classes=4)
-    out_dir = tmp_path_factory.mktemp("exported") / "tiny"
-    export.export_model(trainer, out_dir, formats=["saved_model"], threshold=0.3, far=1e-3)
-    return out_dir
+    return tiny_verifiers.exported_tiny_model(tmp_path_factory)
 
 
 def test_cli_end_to_end(shared_dir, exported, tmp_path):

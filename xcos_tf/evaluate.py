@@ -21,6 +21,7 @@ Writes `results.json` (every number), `roc.png`, `deletion.png` and `occluders.p
 `--out_dir` and prints one table.
 """
 import dataclasses
+import glob
 import json
 import os
 import sys
@@ -29,7 +30,7 @@ import types
 import numpy as np
 from absl import app, flags
 
-from xcos_tf import metrics
+from xcos_tf import metrics, runtime
 from xcos_tf.explain import DEFAULT_DETECTOR
 from xcos_tf.data import align
 from xcos_tf.data import pairs as pairs_lib
@@ -40,7 +41,6 @@ GREY = 127.5  # a deleted cell: mid-grey, which the backbone maps to 0
 SQUARE_SIZE = 40  # side of the random square, px of the 112 face (2.5 cells)
 BATCH_SIZE = 64
 EXIT_BAD_INPUT = 2
-FORMATS = ("saved_model", "tflite", "tflite_fp16", "tflite_int8", "onnx")
 
 _LEFT_EYE, _RIGHT_EYE, _NOSE, _LEFT_MOUTH, _RIGHT_MOUTH = align.TEMPLATE_112
 
@@ -136,6 +136,8 @@ def load_pairs(path, detector, max_pairs=None):
     path = os.fspath(path)
     if os.path.isfile(os.path.join(path, "pairs.txt")):
         return load_lfw(path, align.FaceAligner(detector, choose="central"), max_pairs)
+    if not glob.glob(path):  # before TensorFlow is imported for the shards
+        raise FileNotFoundError(f"no such folder, file or glob match: {path!r}")
     return load_pair_shards(path, max_pairs)
 
 
@@ -143,14 +145,14 @@ def load_pairs(path, detector, max_pairs=None):
 def occluder_box(kind, rng=None, size=align.ALIGNED_SIZE):
     """(x0, y0, x1, y1) of an occluder on an aligned face, from the ArcFace template.
 
-    `sunglasses` spans both eyes from brow to cheekbone, `mask` the face from just below the
-    nose tip to the chin; `square` is a `SQUARE_SIZE` square at a random place (needs `rng`).
+    `sunglasses` spans both eyes from brow to cheekbone, `mask` the nose (from halfway up),
+    the mouth and the chin, as a surgical mask does; `square` is a `SQUARE_SIZE` square at a random place (needs `rng`).
     """
     if kind == "sunglasses":
         eye_y = 0.5 * (_LEFT_EYE[1] + _RIGHT_EYE[1])
         box = (_LEFT_EYE[0] - 22, eye_y - 14, _RIGHT_EYE[0] + 22, eye_y + 12)
     elif kind == "mask":
-        box = (_LEFT_MOUTH[0] - 24, _NOSE[1] - 4, _RIGHT_MOUTH[0] + 24, size)
+        box = (_LEFT_MOUTH[0] - 24, _NOSE[1] - 8, _RIGHT_MOUTH[0] + 24, size)
     elif kind == "square":
         x0, y0 = rng.integers(0, size - SQUARE_SIZE + 1, size=2)
         box = (x0, y0, x0 + SQUARE_SIZE, y0 + SQUARE_SIZE)
@@ -458,7 +460,7 @@ def define_flags():
     a flag defined twice, and other modules define `--model` too)."""
     return types.SimpleNamespace(
         model=flags.DEFINE_string("model", None, "Exported model folder (`python -m xcos_tf.export`)."),
-        format=flags.DEFINE_enum("format", "saved_model", FORMATS, "Which of the exported formats to run."),
+        format=flags.DEFINE_enum("format", "saved_model", runtime.FORMATS, "Which of the exported formats to run."),
         pairs=flags.DEFINE_string("pairs", None, "Pair shards (folder, file or glob) or an LFW folder with pairs.txt and images/."),
         teacher=flags.DEFINE_string("teacher", None, "Teacher model (.onnx, .tflite, SavedModel) for the teacher row."),
         out_dir=flags.DEFINE_string("out_dir", "evaluation", "Folder for results.json and the PNG curves."),
@@ -483,8 +485,6 @@ def main(argv, args):
         pairs = load_pairs(args.pairs.value, args.detector.value, args.max_pairs.value)
     except (OSError, ValueError) as err:
         _fail(f"--pairs {args.pairs.value}: {err}")
-    from xcos_tf import runtime
-
     try:
         model = runtime.load(args.model.value, format=args.format.value)
     except (OSError, ValueError) as err:

@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from xcos_tf import runtime  # noqa: E402  (numpy only; a format's backend loads with it)
 from xcos_tf.data import align  # noqa: E402
 
 DEFAULT_DETECTOR = str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "models" / "yunet.onnx")
@@ -40,7 +41,6 @@ ATTENTION_CMAP = "viridis"
 OVERLAY_ALPHA = 0.55
 VEIL_ALPHA = 0.75  # how dark the cells with the least attention get
 EXIT_BAD_INPUT = 2
-FORMATS = ("saved_model", "tflite", "tflite_fp16", "tflite_int8", "onnx")
 
 
 def decide(score, threshold):
@@ -293,7 +293,7 @@ def define_flags():
     imports it and defines its own `--model`, and absl refuses a flag defined twice."""
     return types.SimpleNamespace(
         model=flags.DEFINE_string("model", None, "Exported model folder (`python -m xcos_tf.export`)."),
-        format=flags.DEFINE_enum("format", "saved_model", FORMATS, "Which of the exported formats to run."),
+        format=flags.DEFINE_enum("format", "saved_model", runtime.FORMATS, "Which of the exported formats to run."),
         out=flags.DEFINE_string("out", "xcos_explanation.png", "Where to write the picture (PNG); empty: none."),
         json=flags.DEFINE_bool("json", False, "Print score, decision, threshold and both maps as JSON."),
         detector=flags.DEFINE_string("detector", DEFAULT_DETECTOR, "YuNet face detector ONNX file."),
@@ -320,8 +320,6 @@ def main(argv, args):
             _fail(str(err))
         faces.append(face)
         notes += [note] if note else []
-    from xcos_tf import runtime  # imports TensorFlow only for the SavedModel format
-
     try:
         runtime_model = runtime.load(args.model.value, format=args.format.value)
     except (OSError, ValueError) as err:

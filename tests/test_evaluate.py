@@ -1,0 +1,229 @@
+"""The evaluation tool: occluders, deletion and localisation against theory, the whole run, the CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import tiny_verifiers
+from conftest import REPO_ROOT
+from xcos_tf import evaluate
+from xcos_tf.data import align
+
+
+def test_occluders_sit_where_the_template_says():
+    eyes, nose, mouth = align.TEMPLATE_112[:2], align.TEMPLATE_112[2], align.TEMPLATE_112[3:]
+
+    def covers(box, point):
+        x0, y0, x1, y1 = box
+        return x0 <= point[0] < x1 and y0 <= point[1] < y1
+
+    glasses = evaluate.occluder_box("sunglasses")
+    mask = evaluate.occluder_box("mask")
+    assert all(covers(glasses, eye) for eye in eyes) and not any(covers(glasses, m) for m in mouth)
+    assert all(covers(mask, corner) for corner in mouth) and not any(covers(mask, eye) for eye in eyes)
+    assert covers(mask, nose) and glasses[3] <= mask[1]  # the mask covers the nose, below the glasses
+    rng = np.random.default_rng(0)
+    squares = {evaluate.occluder_box("square", rng) for _ in range(20)}
+    assert len(squares) > 1
+    for x0, y0, x1, y1 in squares:
+        assert x1 - x0 == y1 - y0 == evaluate.SQUARE_SIZE and 0 <= x0 and x1 <= 112 and 0 <= y0 and y1 <= 112
+    with pytest.raises(ValueError, match="valid choices"):
+        evaluate.occluder_box("hat")
+
+
+def test_occlude_pastes_and_returns_the_mask():
+    face = tiny_verifiers.smooth_faces(1)[0]
+    occluded, mask = evaluate.occlude(face, "sunglasses", np.random.default_rng(0))
+    x0, y0, x1, y1 = evaluate.occluder_box("sunglasses")
+    assert mask.sum() == (x1 - x0) * (y1 - y0)
+    np.testing.assert_array_equal(occluded[~mask], face[~mask])
+    assert (occluded[mask] == 20).all()
+
+
+def test_cell_coverage_by_hand():
+    mask = np.zeros((112, 112), bool)
+    mask[0:16, 0:8] = True  # half of cell (0, 0)
+    mask[16:48, 16:32] = True  # cells (1, 1) and (2, 1) whole
+    coverage = evaluate.cell_coverage(mask, (7, 7))
+    assert coverage[0, 0] == 0.5 and coverage[1, 1] == coverage[2, 1] == 1.0
+    assert coverage.sum() == 2.5
+
+
+def test_grey_cells_greys_exactly_those_patches():
+    face = tiny_verifiers.smooth_faces(1)[0]
+    greyed = evaluate.grey_cells(face, [0, 8, 48], (7, 7))  # cells (0,0), (1,1), (6,6)
+    assert (greyed[0:16, 0:16] == 127.5).all() and (greyed[16:32, 16:32] == 127.5).all()
+    assert (greyed[96:, 96:] == 127.5).all()
+    untouched = np.ones((112, 112), bool)
+    untouched[0:16, 0:16] = untouched[16:32, 16:32] = untouched[96:, 96:] = False
+    np.testing.assert_array_equal(greyed[untouched], face[untouched])
+
+
+def test_curve_area():
+    assert evaluate.curve_area([1, 1, 1]) == 1.0
+    assert evaluate.curve_area([1, 0]) == 0.5
+    assert evaluate.curve_area([1, 0.5, 0]) == 0.5
+
+
+@pytest.fixture(scope="module")
+def patch_uniform():
+    """Cells that see only their own patch, uniform attention: score = mean of the cos map."""
+    return tiny_verifiers.tiny_runtime(tiny_verifiers.patch_backbone(), attention="uniform")
+
+
+def test_deletion_follows_theory_with_uniform_attention(patch_uniform):
+    face_a, face_b = tiny_verifiers.smooth_faces(2, seed=3)
+    face_b = (0.5 * face_a + 0.5 * face_b).astype(np.uint8)  # some cells alike, some not
+    clean = patch_uniform.verify(face_a[None], face_b[None])
+    cos_map = clean["cos_map"][0].reshape(-1)
+    _, grid_a = evaluate.embed_faces(patch_uniform, face_a[None])
+    # Greying cell k zeroes that cell (cosine 0) and nothing else: the score drops by cos_k / 49.
+    single = np.stack([evaluate.grey_cells(face_b, [k], (7, 7)) for k in range(49)])
+    _, grid_b = evaluate.embed_faces(patch_uniform, single)
+    drops = clean["score"][0] - evaluate.compare_grids(patch_uniform, np.repeat(grid_a, 49, 0), grid_b)["score"]
+    np.testing.assert_allclose(drops, cos_map / 49, atol=1e-5)
+    assert np.argmax(drops) == np.argmax(cos_map)  # removing the most similar cell costs most
+    # Cumulative deletion in contribution order falls at least as fast as any order.
+    contributions = clean["cos_map"] * clean["attention_map"]
+    by_contribution, by_random = evaluate.deletion_curves(
+        patch_uniform, grid_a, face_b[None], contributions, np.random.default_rng(0))
+    assert by_contribution.shape == by_random.shape == (1, 50)
+    assert by_contribution[0, 0] == pytest.approx(clean["score"][0], abs=1e-5)
+    assert by_contribution[0, -1] == pytest.approx(0.0, abs=1e-6)  # everything greyed
+    np.testing.assert_allclose(by_contribution[0], clean["score"][0] - np.concatenate(
+        [[0], np.cumsum(np.sort(cos_map)[::-1]) / 49]), atol=1e-5)
+    assert np.all(by_contribution[0] <= by_random[0] + 1e-5)
+    assert evaluate.curve_area(by_contribution[0]) < evaluate.curve_area(by_random[0])
+
+
+def test_lowest_cos_cell_lies_under_the_occluder(patch_uniform):
+    faces = tiny_verifiers.smooth_faces(6, seed=1)
+    rng = np.random.default_rng(0)
+    for kind in evaluate.OCCLUDERS:
+        occluded, masks = zip(*(evaluate.occlude(face, kind, rng) for face in faces))
+        # The same face against its occluded copy: only cells under the occluder differ.
+        outputs = patch_uniform.verify(faces, np.stack(occluded))
+        coverage = np.stack([evaluate.cell_coverage(mask, (7, 7)) for mask in masks])
+        lowest = np.argmin(outputs["cos_map"].reshape(6, -1), axis=1)
+        assert (coverage.reshape(6, -1)[np.arange(6), lowest] > 0).all(), kind  # always a touched cell
+        hit_rate, chance = evaluate.localisation_rate(outputs["cos_map"], coverage)
+        assert 0 < chance < 0.5
+        if kind != "square":  # the glasses and the mask cover every cell they touch at least half
+            assert hit_rate == 1.0, kind
+
+
+def _synthetic_pairs(count=40):
+    """Pairs of random faces: same = the face and a slightly noisy copy, different = two faces."""
+    rng = np.random.default_rng(0)
+    faces = tiny_verifiers.smooth_faces(count)
+    noisy = np.clip(faces + rng.normal(0, 12, faces.shape), 0, 255).astype(np.uint8)
+    is_same = np.arange(count) % 2 == 0
+    index_b = np.where(is_same, count + np.arange(count), (np.arange(count) + 1) % count)
+    return evaluate.PairSet(
+        faces=np.concatenate([faces, noisy]), index_a=np.arange(count), index_b=index_b,
+        is_same=is_same, folds=np.repeat(np.arange(10), count // 10),
+        teacher_cos=np.where(is_same, 0.8, 0.1) + rng.normal(0, 0.05, count), source="synthetic")
+
+
+def test_evaluate_pairs_reports_every_measure(tmp_path):
+    runtime = tiny_verifiers.tiny_runtime(tiny_verifiers.conv_backbone())
+    pairs = _synthetic_pairs()
+    results = evaluate.evaluate_pairs(runtime, pairs, deletion_pairs=3)
+    assert set(results["verification"]) == {"xcos", "cosine", "teacher"}  # teacher from the pairs
+    for row in results["verification"].values():
+        assert 0 <= row["accuracy"] <= 1 and len(row["fold_accuracies"]) == 10
+        assert set(row["tar_at_far"]) == {"0.01", "0.001"}
+    # Noisy copies of the same face are easy: xCos must beat chance clearly even untrained.
+    assert results["verification"]["xcos"]["accuracy"] > 0.8
+    assert set(results["occlusion"]) == set(evaluate.OCCLUDERS)
+    assert set(results["occlusion"]["mask"]["accuracy"]) == {"xcos", "cosine"}  # no teacher model
+    assert results["deletion"]["pairs"] == 3 and len(results["deletion"]["contribution_curve"]) == 50
+    assert -1 <= results["correlation"]["pearson_xcos_teacher"] <= 1
+    restored = json.loads(json.dumps(results))
+    assert restored["verification"]["xcos"]["accuracy"] == results["verification"]["xcos"]["accuracy"]
+    table = evaluate.format_table(results)
+    for text in ("10-fold accuracy", "TAR @ FAR=0.001", "occluded (sunglasses)", "deletion AUC", "Pearson"):
+        assert text in table
+    written = evaluate.save_plots(results, pairs, tmp_path)
+    assert [os.path.basename(p) for p in written] == ["roc.png", "deletion.png", "occluders.png"]
+    assert all(align.read_image(p).std() > 5 for p in written)
+
+
+def _write_pair_shards(out_dir, pairs):
+    from xcos_tf.data import records
+
+    teacher = np.random.default_rng(1).normal(size=(len(pairs.faces), 8)).astype(np.float32)
+    teacher /= np.linalg.norm(teacher, axis=1, keepdims=True)
+    serialized = [
+        records.encode_pair_example(
+            align.encode_image(pairs.faces[a], "png"), align.encode_image(pairs.faces[b], "png"), "png",
+            same, fold, f"a{i}", f"b{i}", f"a{i}.png", f"b{i}.png", teacher[a], teacher[b])
+        for i, (a, b, same, fold) in enumerate(zip(pairs.index_a, pairs.index_b, pairs.is_same, pairs.folds))
+    ]
+    os.makedirs(out_dir)
+    records.write_shard(os.path.join(out_dir, records.shard_name("pairs", 0)), serialized)
+    return teacher
+
+
+def test_pair_shards_load_as_a_pair_set(tmp_path):
+    pairs = _synthetic_pairs()
+    teacher = _write_pair_shards(tmp_path / "shards", pairs)
+    loaded = evaluate.load_pairs(tmp_path / "shards", evaluate.DEFAULT_DETECTOR, max_pairs=20)
+    chosen = evaluate.spread_subset(len(pairs), 20)
+    assert len(loaded) == 20 and loaded.faces.shape == (40, 112, 112, 3)
+    np.testing.assert_array_equal(loaded.faces[loaded.index_a], pairs.faces[pairs.index_a[chosen]])
+    np.testing.assert_array_equal(loaded.faces[loaded.index_b], pairs.faces[pairs.index_b[chosen]])
+    np.testing.assert_array_equal(loaded.is_same, pairs.is_same[chosen])
+    np.testing.assert_array_equal(loaded.folds, pairs.folds[chosen])
+    expected_cos = np.sum(teacher[pairs.index_a[chosen]] * teacher[pairs.index_b[chosen]], axis=1)
+    np.testing.assert_allclose(loaded.teacher_cos, expected_cos, atol=1e-5)
+
+
+def test_spread_subset_covers_every_fold():
+    chosen = evaluate.spread_subset(6000, 60)
+    assert len(chosen) == 60 and len(np.unique(chosen // 600)) == 10
+    np.testing.assert_array_equal(evaluate.spread_subset(5, None), np.arange(5))
+
+
+def _run_evaluate(*args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, "-m", "xcos_tf.evaluate", *map(str, args)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_cli_on_pair_shards(tmp_path, tmp_path_factory):
+    exported = tiny_verifiers.exported_tiny_model(tmp_path_factory)
+    _write_pair_shards(tmp_path / "shards", _synthetic_pairs())
+    run = _run_evaluate("--model", exported, "--pairs", tmp_path / "shards",
+                        "--out_dir", tmp_path / "out", "--deletion_pairs", 2)
+    assert run.returncode == 0, run.stderr
+    assert "10-fold accuracy" in run.stdout and "teacher cosine" in run.stdout
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["pairs"] == 40 and results["model"]["format"] == "saved_model"
+    assert {"roc.png", "deletion.png", "occluders.png"} <= set(os.listdir(tmp_path / "out"))
+
+
+def test_cli_names_a_missing_pairs_folder(tmp_path):
+    run = _run_evaluate("--model", tmp_path, "--pairs", tmp_path / "nowhere")
+    assert run.returncode == 2 and "--pairs" in run.stderr and "nowhere" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+@pytest.mark.slow
+def test_real_lfw_pairs_with_the_teacher(shared_dir, tmp_path):
+    """A real LFW run on a few pairs: alignment, the teacher row and the correlation."""
+    from xcos_tf.teacher import Teacher
+
+    aligner = align.FaceAligner(shared_dir / "models" / "yunet.onnx", choose="central")
+    pairs = evaluate.load_lfw(shared_dir / "data" / "lfw", aligner, max_pairs=60)
+    assert len(pairs) == 60 and len(np.unique(pairs.folds)) == 10 and pairs.is_same.sum() == 30
+    teacher = Teacher(shared_dir / "models" / "teacher_mobilefacenet.onnx")
+    runtime = tiny_verifiers.tiny_runtime(tiny_verifiers.conv_backbone())
+    results = evaluate.evaluate_pairs(runtime, pairs, teacher=teacher, deletion_pairs=2)
+    # The teacher is a real face model: on LFW it is far above chance even on 60 pairs.
+    assert results["verification"]["teacher"]["accuracy"] > 0.85
+    assert set(results["occlusion"]["sunglasses"]["accuracy"]) == {"xcos", "cosine", "teacher"}
+    assert "pearson_xcos_teacher" in results["correlation"]
