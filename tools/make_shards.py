@@ -1,4 +1,4 @@
-"""Raw photos or evaluation pairs -> aligned 112x112 faces -> TFRecord shards + manifest.json.
+r"""Raw photos or evaluation pairs -> aligned 112x112 faces -> TFRecord shards + manifest.json.
 
 Training faces, from an ImageFolder tree (`ROOT/IDENTITY/photo.jpg`) or a list file of
 `relative/path label` lines (`-1` = no identity):
@@ -42,7 +42,8 @@ _BIN = flags.DEFINE_string("bin", None, "insightface .bin file: write evaluation
 _UNLABELLED = flags.DEFINE_bool("unlabelled", False, "All images have no identity (label -1), e.g. UTKFace.")
 _EXCLUDE_PAIRS_PEOPLE = flags.DEFINE_string(
     "exclude_pairs_people", None, "An LFW pairs file: leave out every identity it names (honest LFW numbers).")
-_DETECTOR = flags.DEFINE_string("detector", align.DEFAULT_DETECTOR, "YuNet face detector ONNX file.")
+_DETECTOR = flags.DEFINE_string("detector", align.DEFAULT_DETECTOR,
+                                "YuNet face detector ONNX file, or 'none' with --assume_aligned.")
 _CHOOSE = flags.DEFINE_enum("choose", "central", list(align.CHOICES), "Which face when there are several.")
 _MIN_FACE_SIZE = flags.DEFINE_integer("min_face_size", 20, "Smaller faces (pixels) are rejected as too small.")
 _SCORE_THRESHOLD = flags.DEFINE_float("score_threshold", 0.6, "Face detector confidence threshold.")
@@ -70,7 +71,7 @@ def _settings_from_flags():
         teacher = {"path": _TEACHER.value, "color": _TEACHER_COLOR.value, "mean": _TEACHER_MEAN.value,
                    "scale": _TEACHER_SCALE.value, "layout": _TEACHER_LAYOUT.value}
     return prepare.Settings(
-        detector=os.path.normpath(_DETECTOR.value), choose=_CHOOSE.value,
+        detector=None if _DETECTOR.value.lower() == "none" else _DETECTOR.value, choose=_CHOOSE.value,
         min_face_size=_MIN_FACE_SIZE.value, score_threshold=_SCORE_THRESHOLD.value,
         assume_aligned=_ASSUME_ALIGNED.value, image_format=_IMAGE_FORMAT.value,
         jpeg_quality=_JPEG_QUALITY.value, teacher=teacher,

@@ -177,6 +177,24 @@ class AlignedFace:
     num_faces: int
 
 
+def aligned_crop(image_rgb):
+    """An image taken as an already aligned face (no detection), resized to 112x112 if needed;
+    its landmarks are the template's, scaled to the image."""
+    image_rgb = _check_image(image_rgb)
+    height, width = image_rgb.shape[:2]
+    if (height, width) != (ALIGNED_SIZE, ALIGNED_SIZE):
+        image_rgb = cv2.resize(image_rgb, (ALIGNED_SIZE, ALIGNED_SIZE), interpolation=cv2.INTER_AREA)
+    scale = np.array([width / ALIGNED_SIZE, height / ALIGNED_SIZE], np.float32)
+    return AlignedFace(
+        image=image_rgb,
+        landmarks=TEMPLATE_112 * scale,
+        aligned_landmarks=TEMPLATE_112.copy(),
+        box=np.array([0, 0, width, height], np.float32),
+        score=1.0,
+        num_faces=1,
+    )
+
+
 class FaceAligner:
     """Detects faces with YuNet and aligns one of them to the 112x112 ArcFace template.
 
@@ -244,24 +262,10 @@ class FaceAligner:
         distances = np.linalg.norm(centres - np.array([width / 2.0, height / 2.0]), axis=1)
         return faces[np.argmin(distances)]
 
-    def _as_aligned(self, image_rgb):
-        height, width = image_rgb.shape[:2]
-        if (height, width) != (ALIGNED_SIZE, ALIGNED_SIZE):
-            image_rgb = cv2.resize(image_rgb, (ALIGNED_SIZE, ALIGNED_SIZE), interpolation=cv2.INTER_AREA)
-        scale = np.array([width / ALIGNED_SIZE, height / ALIGNED_SIZE], np.float32)
-        return AlignedFace(
-            image=image_rgb,
-            landmarks=TEMPLATE_112 * scale,
-            aligned_landmarks=TEMPLATE_112.copy(),
-            box=np.array([0, 0, width, height], np.float32),
-            score=1.0,
-            num_faces=1,
-        )
-
     def align(self, image_rgb, assume_aligned=None):
         image_rgb = _check_image(image_rgb)
         if assume_aligned or (assume_aligned is None and is_aligned_crop(image_rgb)):
-            return self._as_aligned(image_rgb)
+            return aligned_crop(image_rgb)
         height, width = image_rgb.shape[:2]
         faces = self.detect(image_rgb)
         if len(faces) == 0:
@@ -270,7 +274,7 @@ class FaceAligner:
         if len(large) == 0:
             biggest = float(np.max(np.maximum(faces[:, 2], faces[:, 3])))
             raise FaceTooSmallError(
-                f"{len(faces)} face(s) found, the largest {biggest:.0f} px, smaller than "
+                f"{len(faces)} face(s) found, the largest {biggest:.1f} px, smaller than "
                 f"min_face_size={self.min_face_size}"
             )
         face = self._pick(large, width, height)

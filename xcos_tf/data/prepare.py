@@ -27,7 +27,8 @@ class Settings:
     """How faces are prepared; recorded in the manifest.
 
     Args:
-        detector: str, YuNet ONNX path.
+        detector: str, YuNet ONNX path, or None: no detection, every image is taken as an
+            aligned crop (needs `assume_aligned=True`).
         choose: "central" or "largest".
         min_face_size: int, faces smaller than this (pixels) are rejected as too small.
         score_threshold: float, detector confidence threshold.
@@ -67,9 +68,13 @@ class FacePreparer:
 
     def __init__(self, settings):
         self.settings = settings
-        self.aligner = align.FaceAligner(
-            settings.detector, settings.choose, settings.min_face_size, settings.score_threshold
-        )
+        self.aligner = None
+        if settings.detector is not None:
+            self.aligner = align.FaceAligner(
+                settings.detector, settings.choose, settings.min_face_size, settings.score_threshold
+            )
+        elif not settings.assume_aligned:
+            raise ValueError("Without a face detector, images must be aligned crops: set assume_aligned")
         self.teacher = None
         if settings.teacher is not None:
             self.teacher = teacher_lib.Teacher(**settings.teacher, batch_size=2, num_threads=1)
@@ -81,7 +86,10 @@ class FacePreparer:
                 image = align.decode_image(source, name)
             else:
                 image = align.read_image(source)
-            face = self.aligner.align(image, assume_aligned=self.settings.assume_aligned or None)
+            if self.aligner is None:
+                face = align.aligned_crop(image)
+            else:
+                face = self.aligner.align(image, assume_aligned=self.settings.assume_aligned or None)
         except (align.ImageError, align.FaceError) as e:
             reason = next(r for cls, r in REJECT_REASONS.items() if isinstance(e, cls))
             detail = str(e) if isinstance(source, bytes) else str(e).replace(str(source), name)

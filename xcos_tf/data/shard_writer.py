@@ -16,7 +16,6 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from xcos_tf import teacher as teacher_lib
 from xcos_tf.data import align, pairs as pairs_lib, prepare, records
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -196,9 +195,10 @@ class ShardSet:
 # === Configurations ===
 
 def _alignment_config(settings):
+    detector = settings.detector
     return {
-        "detector": os.path.basename(settings.detector),
-        "detector_sha256": records.sha256_file(settings.detector),
+        "detector": os.path.basename(detector) if detector else None,
+        "detector_sha256": records.sha256_file(detector) if detector else None,
         "choose": settings.choose,
         "min_face_size": settings.min_face_size,
         "score_threshold": settings.score_threshold,
@@ -207,21 +207,20 @@ def _alignment_config(settings):
     }
 
 
-def _teacher_config(settings):
-    """The teacher's declared preprocessing and embedding size (loading it checks the path)."""
-    if settings.teacher is None:
+def _teacher_config(teacher):
+    """The teacher's declared preprocessing and embedding size, or None."""
+    if teacher is None:
         return None
-    teacher = teacher_lib.Teacher(**settings.teacher, num_threads=1)
     config = teacher.get_config()
-    config["dim"] = int(teacher.embed(np.zeros((1, 112, 112, 3), np.uint8)).shape[1])
+    config["dim"] = int(teacher.embed(np.zeros((1, *teacher.image_size, 3), np.uint8)).shape[1])
     if os.path.isfile(teacher.path):
         config["sha256"] = records.sha256_file(teacher.path)
     return config
 
 
 def _base_config(kind, settings, input_config, shard_mb, prefix):
-    # Building the aligner here reports a missing detector before any worker starts.
-    align.FaceAligner(settings.detector, settings.choose, settings.min_face_size, settings.score_threshold)
+    # Building a preparer here reports a missing detector or teacher before any worker starts.
+    preparer = prepare.FacePreparer(settings)
     if settings.image_format not in ("jpeg", "png"):
         raise ValueError(f"--image_format must be jpeg or png. Received: {settings.image_format!r}")
     if shard_mb <= 0:
@@ -230,7 +229,7 @@ def _base_config(kind, settings, input_config, shard_mb, prefix):
         "kind": kind,
         "input": input_config,
         "alignment": _alignment_config(settings),
-        "teacher": _teacher_config(settings),
+        "teacher": _teacher_config(preparer.teacher),
         "image_format": settings.image_format,
         "jpeg_quality": settings.jpeg_quality,
         "shard_mb": shard_mb,
