@@ -31,7 +31,7 @@ import numpy as np
 from absl import app, flags
 
 from xcos_tf import metrics, runtime
-from xcos_tf.explain import DEFAULT_DETECTOR
+from xcos_tf.explain import DEFAULT_DETECTOR, exit_with_error
 from xcos_tf.data import align
 from xcos_tf.data import pairs as pairs_lib
 
@@ -40,7 +40,6 @@ FARS = (1e-2, 1e-3)
 GREY = 127.5  # a deleted cell: mid-grey, which the backbone maps to 0
 SQUARE_SIZE = 40  # side of the random square, px of the 112 face (2.5 cells)
 BATCH_SIZE = 64
-EXIT_BAD_INPUT = 2
 
 _LEFT_EYE, _RIGHT_EYE, _NOSE, _LEFT_MOUTH, _RIGHT_MOUTH = align.TEMPLATE_112
 
@@ -310,6 +309,14 @@ def evaluate_pairs(model, pairs, teacher=None, occluders=OCCLUDERS, deletion_pai
         scores["teacher"] = np.asarray(pairs.teacher_cos, np.float32)
     results = {
         "source": pairs.source,
+        "settings": {
+            "seed": seed,
+            "occluders_on": "face B",
+            "occluder_boxes_xyxy": {k: (occluder_box(k) if k != "square" else f"random {SQUARE_SIZE} px square")
+                                    for k in occluders},
+            "deletion_grey": GREY,
+            "localisation_pairs": "same-person",
+        },
         "pairs": len(pairs),
         "same_pairs": int(is_same.sum()),
         "folds": int(len(np.unique(pairs.folds))),
@@ -471,29 +478,25 @@ def define_flags():
     )
 
 
-def _fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(EXIT_BAD_INPUT)
-
-
 def main(argv, args):
     if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]}; give the pairs with --pairs")
-    if args.teacher.value and not os.path.exists(args.teacher.value):
-        _fail(f"--teacher: not found: {args.teacher.value!r}")
-    try:
-        pairs = load_pairs(args.pairs.value, args.detector.value, args.max_pairs.value)
-    except (OSError, ValueError) as err:
-        _fail(f"--pairs {args.pairs.value}: {err}")
-    try:
-        model = runtime.load(args.model.value, format=args.format.value)
-    except (OSError, ValueError) as err:
-        _fail(f"--model {args.model.value}: {err}")
+        exit_with_error(f"unexpected arguments {argv[1:]}; give the pairs with --pairs")
     teacher = None
     if args.teacher.value:
         from xcos_tf.teacher import Teacher
 
-        teacher = Teacher(args.teacher.value)
+        try:
+            teacher = Teacher(args.teacher.value)
+        except (OSError, ValueError) as err:
+            exit_with_error(f"--teacher {args.teacher.value}: {err}")
+    try:
+        pairs = load_pairs(args.pairs.value, args.detector.value, args.max_pairs.value)
+    except (OSError, ValueError) as err:
+        exit_with_error(f"--pairs {args.pairs.value}: {err}")
+    try:
+        model = runtime.load(args.model.value, format=args.format.value)
+    except (OSError, ValueError) as err:
+        exit_with_error(f"--model {args.model.value}: {err}")
     results = evaluate_pairs(model, pairs, teacher=teacher, deletion_pairs=args.deletion_pairs.value,
                              seed=args.seed.value)
     results["model"] = {"path": args.model.value, "format": args.format.value}

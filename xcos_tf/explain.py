@@ -300,16 +300,17 @@ def define_flags():
     )
 
 
-def _fail(message):
+def exit_with_error(message):
+    """The command-line tools' answer to bad input: one line on stderr, exit code 2."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
 
 
 def main(argv, args):
     if len(argv) != 3:
-        _fail(f"expected two photos: python -m xcos_tf.explain PHOTO_A PHOTO_B --model DIR. Received: {argv[1:]}")
+        exit_with_error(f"expected two photos: python -m xcos_tf.explain PHOTO_A PHOTO_B --model DIR. Received: {argv[1:]}")
     if not os.path.isfile(args.detector.value):
-        _fail(f"--detector: face detector model not found: {args.detector.value!r}")
+        exit_with_error(f"--detector: face detector model not found: {args.detector.value!r}")
     # Photos first: a bad photo is reported before the (slow) model load.
     aligner = align.FaceAligner(args.detector.value, choose="largest")
     faces, notes = [], []
@@ -317,13 +318,13 @@ def main(argv, args):
         try:
             face, note = align_photo(photo, label, aligner)
         except ValueError as err:  # ImageError, FaceError
-            _fail(str(err))
+            exit_with_error(str(err))
         faces.append(face)
         notes += [note] if note else []
     try:
         runtime_model = runtime.load(args.model.value, format=args.format.value)
     except (OSError, ValueError) as err:
-        _fail(f"--model {args.model.value}: {err}")
+        exit_with_error(f"--model {args.model.value}: {err}")
     result = explain_faces(faces[0], faces[1], runtime_model, notes)
     for note in result["notes"]:
         print(f"note: {note}", file=sys.stderr)
