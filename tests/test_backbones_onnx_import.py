@@ -47,7 +47,9 @@ def teacher(shared_dir):
 
 
 def _aligned_faces(shared_dir, count=4):
-    paths = sorted((shared_dir / "data/glint_sample/images").glob("*/*.jpg"))[:: 97][:count]
+    """One already aligned 112x112 face for each of the first `count` people of glint_sample."""
+    people = sorted(p for p in (shared_dir / "data/glint_sample/images").iterdir() if p.is_dir())
+    paths = [sorted(person.glob("*.jpg"))[0] for person in people[:count]]
     return np.stack([cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in paths]).astype("float32")
 
 
@@ -184,7 +186,6 @@ def _synthetic_model(nhwc_input=False, body_op=None):
         _constant(rng, "channel_scale", (16,), 0.5, 1.5),
         _constant(rng, "w_last", (16, 16, 3, 3)),
         _constant(rng, "w_fc", (16, 5)),
-        numpy_helper.from_array(np.array([0, 2, 5], "int64"), "channels"),
     ]
     nodes = [
         helper.make_node("Div", ["x", "two"], ["halved"], name="halve"),
@@ -216,11 +217,13 @@ def _synthetic_model(nhwc_input=False, body_op=None):
         helper.make_node("Flatten", ["gap"], ["flat"], name="head/flatten"),
         helper.make_node("MatMul", ["flat", "w_fc"], ["embedding"], name="head/fc"),
     ]
+    by_name = {node.name: index for index, node in enumerate(nodes)}
     if body_op == "Gather":  # an op the importer does not know, on the spatial path
-        nodes.insert(9, helper.make_node("Gather", ["valid", "channels"], ["picked"], name="pick_channels", axis=1))
-        nodes[10] = helper.make_node("MaxPool", ["picked"], ["pooled"], name="pool", kernel_shape=[2, 2], strides=[2, 2])
+        init.append(numpy_helper.from_array(np.array([0, 2, 5], "int64"), "channels"))
+        nodes[by_name["pool"]] = helper.make_node("MaxPool", ["picked"], ["pooled"], name="pool", kernel_shape=[2, 2], strides=[2, 2])
+        nodes.insert(by_name["pool"], helper.make_node("Gather", ["valid", "channels"], ["picked"], name="pick_channels", axis=1))
     if body_op == "HardSigmoid":  # one inside the 1x1 SE branch, which rejoins the body
-        nodes[14] = helper.make_node("HardSigmoid", ["se_fc2"], ["se_gate"], name="se/sigmoid")
+        nodes[by_name["se/sigmoid"]] = helper.make_node("HardSigmoid", ["se_fc2"], ["se_gate"], name="se/sigmoid")
     image = "pixels" if nhwc_input else "x"
     if nhwc_input:  # as tf2onnx writes a Keras model: NHWC input, then a Transpose
         nodes.insert(0, helper.make_node("Transpose", ["pixels"], ["x"], name="input_to_nchw", perm=[0, 3, 1, 2]))

@@ -91,7 +91,7 @@ class _Importer:
 
     def __init__(self, graph, input_perm, pixels):
         self.constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-        self.tensors = {graph_input_name(graph): _Tensor(pixels, input_perm)}
+        self.tensors = {_graph_input_name(graph): _Tensor(pixels, input_perm)}
         self.blocked = {}  # tensor name -> why it cannot be computed
         self.root_blockers = []  # (node, reason, inputs) where a chain of blocked tensors starts
         self.order = []  # converted tensor names, in graph order
@@ -180,7 +180,7 @@ class _Importer:
         return converter(self, node, inputs, _attributes(node))
 
 
-def graph_input_name(graph):
+def _graph_input_name(graph):
     initializers = {t.name for t in graph.initializer}
     names = [i.name for i in graph.input if i.name not in initializers]
     if len(names) != 1:
@@ -190,7 +190,7 @@ def graph_input_name(graph):
 
 def _input_layout(graph, input_shape):
     """NCHW (e.g. from PyTorch) or NHWC (e.g. from tf2onnx), read off the 3-channel axis."""
-    graph_input = next(i for i in graph.input if i.name == graph_input_name(graph))
+    graph_input = next(i for i in graph.input if i.name == _graph_input_name(graph))
     dims = [d.dim_value or None for d in graph_input.type.tensor_type.shape.dim]
     if len(dims) != 4:
         raise ValueError(f"Input {graph_input.name!r} must be 4-D images. Received dims: {dims}")
