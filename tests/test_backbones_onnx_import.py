@@ -8,6 +8,8 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
+import tensorflow as tf
+import tf2onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from xcos_tf import backbones
@@ -97,9 +99,6 @@ def _randomize(model, seed=0):
 
 
 def _export(model, directory, **tf2onnx_options):
-    import tensorflow as tf  # noqa: PLC0415 (only the tf2onnx tests need the TF graph)
-    import tf2onnx  # noqa: PLC0415
-
     path = pathlib.Path(directory) / f"{model.name}.onnx"
     signature = (tf.TensorSpec((None, *model.input.shape[1:]), tf.float32, name="image"),)
     tf2onnx.convert.from_keras(model, input_signature=signature, opset=17, output_path=str(path), **tf2onnx_options)
@@ -127,7 +126,7 @@ def _count_layers(model, layer_type):
 
 @pytest.fixture
 def small_iresnet(monkeypatch):
-    """The ir50 / ir_se50 code path (PReLU, BN, both shortcuts, SE) at 1 unit per stage."""
+    """The ir50 / ir_se50 code path (PReLU, BN, both shortcuts, SE) at 1-2 units per stage."""
     monkeypatch.setattr(iresnet, "STAGE_UNITS", {50: (1, 1, 2, 1)})
     monkeypatch.setattr(iresnet, "STAGE_CHANNELS", (16, 32, 32, 64))
 
