@@ -28,6 +28,7 @@ import sys
 import types
 
 import numpy as np
+import tqdm
 from absl import app, flags
 
 from xcos_tf import metrics, runtime
@@ -91,7 +92,7 @@ def load_lfw(lfw_dir, aligner, max_pairs=None):
     position = {path: i for i, path in enumerate(paths)}
     faces, undetected = [], 0
     _log(f"aligning {len(paths)} LFW images for {len(chosen)} pairs")
-    for path in paths:
+    for path in tqdm.tqdm(paths, desc="aligning", unit="image", file=sys.stderr, leave=False):
         image = align.read_image(os.path.join(lfw_dir, "images", path))
         try:
             faces.append(aligner.align(image, assume_aligned=False).image)
@@ -255,7 +256,7 @@ def deletion_curves(model, grid_a, faces_b, contributions, rng, batch_size=BATCH
     cells = contributions.shape[1:]
     count = cells[0] * cells[1]
     curves = {"contribution": [], "random": []}
-    for pair in range(len(faces_b)):
+    for pair in tqdm.trange(len(faces_b), desc="deletion", unit="pair", file=sys.stderr, leave=False):
         orders = {
             "contribution": np.argsort(-contributions[pair].reshape(-1), kind="stable"),
             "random": rng.permutation(count),

@@ -22,18 +22,16 @@ import pathlib
 import sys
 import types
 
-import matplotlib
+import matplotlib.colors
+import numpy as np
 from absl import app, flags
+# A Figure on an Agg canvas, never pyplot: no window, no global backend switch for whoever
+# imports this module, and safe in the demo's server threads.
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only, never a window; must precede any pyplot import
-
-import matplotlib.colors  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from xcos_tf import runtime  # noqa: E402  (numpy only; a format's backend loads with it)
-from xcos_tf.data import align  # noqa: E402
+from xcos_tf import runtime  # numpy only; the chosen format's backend is imported by `load`
+from xcos_tf.data import align
 
 DEFAULT_DETECTOR = str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "models" / "yunet.onnx")
 COS_CMAP = "RdBu"  # red: the cells differ, blue: they match (colour-blind safe)
@@ -332,7 +330,10 @@ def main(argv, args):
         print("note: the model's manifest has no calibrated threshold: printing the score only", file=sys.stderr)
     if args.out.value:
         title = f"{os.path.basename(argv[1])}  vs  {os.path.basename(argv[2])}"
-        save_explanation(args.out.value, faces[0], faces[1], result, threshold=result["threshold"], title=title)
+        try:
+            save_explanation(args.out.value, faces[0], faces[1], result, threshold=result["threshold"], title=title)
+        except OSError as err:
+            exit_with_error(f"--out: {err}")
     if args.json.value:
         print(json.dumps(explanation_json(result)))
         return
