@@ -349,6 +349,44 @@ def pair_dataset(file_patterns, batch_size, same_fraction=0.5, augment=True,
         raise ValueError(
             f"same_fraction={same_fraction}, but no identity has two faces in {scan.files}"
         )
+
+    def to_example(index, pair, pair_seed):
+        image_a = decode_image(pair["image_encoded"][0], image_shape)
+        image_b = decode_image(pair["image_encoded"][1], image_shape)
+        embedding_a, embedding_b = pair["teacher_embedding"][0], pair["teacher_embedding"][1]
+        if augment:
+            seeds = tf.random.experimental.stateless_split(pair_seed, num=2)
+            image_a, embedding_a = _augment(image_a, embedding_a, pair["teacher_embedding_flip"][0], seeds[0])
+            image_b, embedding_b = _augment(image_b, embedding_b, pair["teacher_embedding_flip"][1], seeds[1])
+        return {
+            "image_a": image_a,
+            "image_b": image_b,
+            "label_a": pair["label"][0],
+            "label_b": pair["label"][1],
+            "teacher_cos": tf.clip_by_value(tf.reduce_sum(embedding_a * embedding_b), -1.0, 1.0),
+        }
+
+    return sample_pairs(scan, _parse_face, to_example, batch_size, same_fraction, shuffle_buffer, seed,
+                        deterministic, input_context, repeat)
+
+
+def sample_pairs(scan, parse, to_example, batch_size, same_fraction=0.5, shuffle_buffer=10_000, seed=None,
+                 deterministic=False, input_context=None, repeat=True):
+    """The pair sampler behind `pair_dataset`, for any record type.
+
+    Args:
+        scan: a `ShardScan` of the shards to read (files, readable record counts).
+        parse: serialized record -> dict with at least `label` (int32) and `image_encoded` (a
+            string unique to the record, so that a face is never paired with itself).
+        to_example: (index, pair, pair_seed) -> one example dict; `pair` holds the parsed
+            dicts of both faces stacked on a leading axis of 2, `pair_seed` an int64 [2]
+            stateless seed unique to this pair.
+        batch_size, same_fraction, shuffle_buffer, seed, deterministic, input_context, repeat:
+            as in `pair_dataset`.
+
+    Returns: batched, prefetched examples; same-identity pairs with probability
+    `same_fraction`, faces with label -1 only in different pairs.
+    """
     if seed is None:
         seed = random.SystemRandom().randrange(2**31)
     if input_context:
@@ -358,7 +396,7 @@ def pair_dataset(file_patterns, batch_size, same_fraction=0.5, augment=True,
         stream = _record_dataset(scan, input_context, True, stream_seed, deterministic)
         if repeat:
             stream = stream.repeat()
-        stream = stream.map(_parse_face, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+        stream = stream.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
         return stream.shuffle(shuffle_buffer, seed=stream_seed, reshuffle_each_iteration=True)
 
     streams, weights = [], []
@@ -371,26 +409,11 @@ def pair_dataset(file_patterns, batch_size, same_fraction=0.5, augment=True,
     pairs = streams[0] if len(streams) == 1 else tf.data.Dataset.sample_from_datasets(
         streams, weights, seed=seed + 3
     )
-
-    def to_example(index, pair):
-        image_a = decode_image(pair["image_encoded"][0], image_shape)
-        image_b = decode_image(pair["image_encoded"][1], image_shape)
-        embedding_a, embedding_b = pair["teacher_embedding"][0], pair["teacher_embedding"][1]
-        if augment:
-            seeds = tf.random.experimental.stateless_split(tf.stack([tf.constant(seed, tf.int64), index]), num=2)
-            image_a, embedding_a = _augment(image_a, embedding_a, pair["teacher_embedding_flip"][0], seeds[0])
-            image_b, embedding_b = _augment(image_b, embedding_b, pair["teacher_embedding_flip"][1], seeds[1])
-        return {
-            "image_a": image_a,
-            "image_b": image_b,
-            "label_a": pair["label"][0],
-            "label_b": pair["label"][1],
-            "teacher_cos": tf.clip_by_value(tf.reduce_sum(embedding_a * embedding_b), -1.0, 1.0),
-        }
-
-    # Enumerate before the parallel map: each pair's augmentation seed is its position.
+    # Enumerate before the parallel map: each pair's random draws depend on its position only.
     dataset = pairs.enumerate().map(
-        to_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic
+        lambda index, pair: to_example(index, pair, tf.stack([tf.constant(seed, tf.int64), index])),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=deterministic,
     )
     dataset = dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
