@@ -258,6 +258,29 @@ def test_synthetic_graph_matches_onnxruntime(tmp_path, nhwc_input):
     assert {"DepthwiseConv2D", "Conv2D", "BatchNormalization", "PReLU", "ZeroPadding2D", "Permute"} <= layer_types
 
 
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER", "VALID"])
+def test_conv_auto_pad_matches_onnxruntime(tmp_path, auto_pad):
+    rng = np.random.default_rng(6)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["a"], name="c1", strides=[2, 2], auto_pad=auto_pad),
+        helper.make_node("Conv", ["a", "w2"], ["features"], name="c2", strides=[2, 2], auto_pad=auto_pad),
+        helper.make_node("Flatten", ["features"], ["flat"], name="flatten"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "auto_pad",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 32, 32])],
+        [helper.make_tensor_value_info("flat", TensorProto.FLOAT, ["N", None])],
+        initializer=[_constant(rng, "w1", (8, 3, 3, 3)), _constant(rng, "w2", (8, 8, 2, 2))],
+    )
+    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    backbone = backbones.from_onnx(_save(onnx_model, tmp_path), input_shape=(32, 32, 3))
+    pixels = rng.uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    expected = _onnxruntime_tensor(onnx_model, "features", {"x": _nchw(pixels)}).transpose(0, 2, 3, 1)
+    assert backbone.output.shape[1:] == expected.shape[1:]
+    assert np.abs(backbone.predict(pixels, verbose=0) - expected).max() < TOLERANCE
+
+
 def test_imported_backbone_saves_and_reloads(tmp_path):
     backbone = backbones.from_onnx(_save(_synthetic_model(), tmp_path), input_shape=(32, 32, 3))
     backbone.save(tmp_path / "imported.keras")
