@@ -6,9 +6,9 @@ import sys
 
 import numpy as np
 import pytest
-
 import tiny_verifiers
 from conftest import REPO_ROOT
+
 from xcos_tf import evaluate
 from xcos_tf.data import align
 

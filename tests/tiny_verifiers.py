@@ -5,8 +5,8 @@
 """
 import keras
 import numpy as np
-
 from conftest import tiny_backbone
+
 from xcos_tf import model
 
 

@@ -25,6 +25,7 @@ import types
 import matplotlib.colors
 import numpy as np
 from absl import app, flags
+
 # A Figure on an Agg canvas, never pyplot: no window, no global backend switch for whoever
 # imports this module, and safe in the demo's server threads.
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -189,7 +190,8 @@ def explanation_figure(face_a, face_b, result, threshold=None, title=None):
     _spotlight_panel(axes[1, 2], face_a, attention_map, "attention on A: bright = counted")
     _spotlight_panel(axes[1, 3], face_b, attention_map, "attention on B: bright = counted")
     cos_bar = figure.colorbar(cos_image, ax=axes[0, 2])
-    cos_bar.set_label("cosine" + ("" if threshold is None else f", centred at the threshold {threshold:.2f}"), fontsize=8)
+    centre = "" if threshold is None else f", centred at the threshold {threshold:.2f}"
+    cos_bar.set_label("cosine" + centre, fontsize=8)
     figure.colorbar(attention_image, ax=axes[0, 3]).set_label("attention, % of the score", fontsize=8)
     figure.suptitle(_title(score, threshold, title), fontsize=12)
     return figure
@@ -306,7 +308,8 @@ def exit_with_error(message):
 
 def main(argv, args):
     if len(argv) != 3:
-        exit_with_error(f"expected two photos: python -m xcos_tf.explain PHOTO_A PHOTO_B --model DIR. Received: {argv[1:]}")
+        exit_with_error(f"expected two photos: python -m xcos_tf.explain PHOTO_A PHOTO_B --model DIR. "
+                        f"Received: {argv[1:]}")
     if not os.path.isfile(args.detector.value):
         exit_with_error(f"--detector: face detector model not found: {args.detector.value!r}")
     # Photos first: a bad photo is reported before the (slow) model load.
