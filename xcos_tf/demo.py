@@ -11,7 +11,8 @@ What the page accepts and where things go:
   type, a corrupt or truncated file, a photo without a face, or a too large file gives a message
   on the page. Photos are shrunk to 640 px on the longer side before face detection.
 - Files: Gradio's upload cache and the rendered pictures live in one `tempfile.mkdtemp` folder,
-  deleted when the server stops (Ctrl-C or SIGTERM). Nothing else is written.
+  deleted when the server stops (Ctrl-C or SIGTERM). The demo writes nothing else (the
+  libraries keep their usual per-user caches, e.g. Matplotlib's font list).
 - Network: served on loopback by default; no share link, no analytics, no server-side rendering.
 """
 import os
@@ -199,11 +200,15 @@ def main(argv):
             runtime_model, aligner, max_bytes=_MAX_UPLOAD_MB.value * MB,
             model_label=_model_label(runtime_model, _MODEL.value, _FORMAT.value),
         )
-        demo.launch(
-            server_name=_HOST.value, server_port=_PORT.value, share=False,
-            max_file_size=_MAX_UPLOAD_MB.value * MB, ssr_mode=False, mcp_server=False,
-            show_error=False, inbrowser=False,
-        )
+        try:
+            demo.launch(
+                server_name=_HOST.value, server_port=_PORT.value, share=False,
+                max_file_size=_MAX_UPLOAD_MB.value * MB, ssr_mode=False, mcp_server=False,
+                show_error=False, inbrowser=False,
+            )
+        except OSError as err:  # port taken, address not local
+            print(f"xcos_tf.demo: cannot serve on --host {_HOST.value} --port {_PORT.value}: {err}", file=sys.stderr)
+            sys.exit(explain.EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         pass
     finally:
