@@ -1,58 +1,88 @@
-"""Tests of the training loop: loss goes down, mirrored == default, kill -9 and resume, flag errors."""
+"""Tests of the training loop: the loss goes down, mirrored == default, kill -9 and resume,
+a finished run is not restarted, flag errors name the flag."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from absl import flags
 
 from conftest import REPO_ROOT
 from xcos_tf import train
-from xcos_tf.data import align, records
+from xcos_tf.data import align, pipeline, records
 
 IMAGE_SHAPE = (32, 32, 3)
-# In this process pytest imported conftest as `conftest`; a subprocess started in the repo root imports it
-# as `tests.conftest`.
-TINY_BACKBONE = "conftest:tiny_backbone"
-TINY_BACKBONE_CLI = "tests.conftest:tiny_backbone"
+# Subprocesses run in the repo root, where the tiny test backbone imports as tests.conftest.
+TINY_BACKBONE = "tests.conftest:tiny_backbone"
+TIMEOUT = 240
+
+
+def _run_python(args, **kwargs):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO_ROOT))
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT, **kwargs
+    )
 
 
 @pytest.fixture(scope="module")
-def face_shards(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("faces")
-    records.write_synthetic_shards(str(out_dir), num_shards=2, records_per_shard=16, num_classes=4, image_shape=IMAGE_SHAPE)
-    return str(out_dir / "*.tfrecord")
-
-
-@pytest.fixture(scope="module")
-def eval_pair_shards(tmp_path_factory):
-    """20 random pairs in 10 folds, written as evaluation pair shards."""
-    out_dir = tmp_path_factory.mktemp("pairs")
+def data_dir(tmp_path_factory):
+    """Tiny face shards (4 identities, 32x32) and 20 evaluation pairs in 10 folds."""
+    root = tmp_path_factory.mktemp("data")
+    records.write_synthetic_shards(str(root / "faces"), num_shards=2, records_per_shard=16, num_classes=4,
+                                   image_shape=IMAGE_SHAPE)
     rng = np.random.default_rng(1)
 
     def image():
         return align.encode_image(rng.integers(0, 256, IMAGE_SHAPE, dtype=np.uint8), "png")
 
-    pairs = [
+    os.makedirs(root / "pairs")
+    records.write_shard(str(root / "pairs" / records.shard_name("pairs", 0)), [
         records.encode_pair_example(image(), image(), "png", i % 2 == 0, i // 2, "a", "b", "a.png", "b.png")
         for i in range(20)
-    ]
-    records.write_shard(str(out_dir / records.shard_name("pairs", 0)), pairs)
-    return str(out_dir / "*.tfrecord")
+    ])
+    return root
 
 
-def tiny_config(model_dir, train_shards, **overrides):
+def tiny_config(model_dir, data_dir, **overrides):
     values = dict(
-        model_dir=str(model_dir), train_shards=(train_shards,), image_size=IMAGE_SHAPE[0], backbone=TINY_BACKBONE,
-        batch_size=8, train_steps=20, learning_rate=0.05, checkpoint_every=10, log_every=5, eval_every=10,
-        deterministic=True, shuffle_buffer=32, export_formats=(),
+        model_dir=str(model_dir), train_shards=(str(data_dir / "faces" / "*.tfrecord"),), image_size=IMAGE_SHAPE[0],
+        backbone=TINY_BACKBONE, batch_size=16, train_steps=12, learning_rate=0.05, checkpoint_every=6, log_every=3,
+        eval_every=6, deterministic=True, shuffle_buffer=32, export_formats=(),
     )
     values.update(overrides)
     return train.TrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def default_and_mirrored(tmp_path_factory, data_dir):
+    """One subprocess (2 logical CPUs must be set before TensorFlow starts): a default run with
+    evaluation, then the same global batch of 16 pairs as 2 replicas x 8 under `mirrored`."""
+    runs = tmp_path_factory.mktemp("runs")
+    eval_pairs = (str(data_dir / "pairs" / "*.tfrecord"),)
+    default = tiny_config(runs / "default", data_dir, eval_pairs=eval_pairs)
+    mirrored = tiny_config(runs / "mirrored", data_dir, strategy="mirrored", batch_size=8, train_steps=3,
+                           eval_pairs=eval_pairs, eval_every=3)
+    script = textwrap.dedent(f"""
+        import json
+        from xcos_tf import train
+        train.configure_cpu_devices(2)
+        histories = [train.train(train.TrainConfig.from_json(path)) for path in {[str(runs / "default.json"), str(runs / "mirrored.json")]!r}]
+        print("HISTORIES", json.dumps(histories))
+    """)
+    (runs / "default.json").write_text(default.to_json())
+    (runs / "mirrored.json").write_text(mirrored.to_json())
+    result = _run_python(["-c", script])
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("HISTORIES"))
+    history_default, history_mirrored = json.loads(line[len("HISTORIES"):])
+    return default, history_default, history_mirrored
 
 
 def _event_tags(log_dir):
@@ -63,25 +93,100 @@ def _event_tags(log_dir):
     return tags
 
 
-def test_training_lowers_the_loss_and_writes_the_run(tmp_path, face_shards, eval_pair_shards):
-    config = tiny_config(tmp_path / "run", face_shards, eval_pairs=(eval_pair_shards,))
-    history = train.train(config)
-
-    assert history["step"] == list(range(1, 21))
-    assert np.mean(history["loss"][-5:]) < 0.7 * np.mean(history["loss"][:5])
-    run_dir = tmp_path / "run"
-    for name in ("params.json", "best.keras", "final.keras", "checkpoints/ckpt-20.index"):
-        assert (run_dir / name).exists(), name
-    params = json.loads((run_dir / "params.json").read_text())
-    assert params["num_classes"] == 4  # from the shards' manifest
-    tags = _event_tags(run_dir / "logs")
+def test_training_lowers_the_loss_and_writes_the_run(default_and_mirrored):
+    config, history, _ = default_and_mirrored
+    assert history["step"] == list(range(1, 13))
+    assert np.mean(history["loss"][-3:]) < 0.8 * np.mean(history["loss"][:3])
+    run_dir = config.model_dir
+    for name in ("params.json", "best.keras", "final.keras", "checkpoints/ckpt-12.index"):
+        assert os.path.exists(os.path.join(run_dir, name)), name
+    with open(os.path.join(run_dir, "params.json")) as f:
+        assert json.load(f)["num_classes"] == 4  # from the shards' manifest
+    tags = _event_tags(os.path.join(run_dir, "logs"))
     for tag in ("train/loss", "train/ce_loss", "train/xcos_loss", "eval/xcos_accuracy", "eval/cosine_accuracy",
                 "eval/pairs_cos_attention"):
         assert tag in tags, tag
     assert any(tag.startswith("learning_rate/") for tag in tags)
 
-    # The export tool's entry: the trainer rebuilt from params.json and the latest checkpoint.
-    restored = train.load_trainer(str(run_dir))
-    final = keras.saving.load_model(str(run_dir / "final.keras"), compile=False)
-    batch = next(iter(train.pipeline.synthetic_pair_dataset(2, IMAGE_SHAPE, num_classes=4)))
-    np.testing.assert_allclose(restored(batch)["score"], final(batch)["score"], atol=1e-5)
+    # The export tool's entry: the trainer rebuilt from params.json and the latest checkpoint
+    # equals the final model, every weight included.
+    restored = train.load_trainer(run_dir)
+    final = keras.saving.load_model(os.path.join(run_dir, "final.keras"), compile=False)
+    for restored_weight, final_weight in zip(restored.weights, final.weights):
+        np.testing.assert_allclose(restored_weight.numpy(), final_weight.numpy(), err_msg=final_weight.path)
+    batch = next(iter(pipeline.synthetic_pair_dataset(2, IMAGE_SHAPE, num_classes=4)))
+    np.testing.assert_allclose(restored(batch)["score"], final(batch)["score"], atol=1e-6)
+
+
+def test_mirrored_matches_default_for_the_same_global_batch(default_and_mirrored):
+    _, history_default, history_mirrored = default_and_mirrored
+    # Same data and initial weights; only batch-norm statistics are per replica (8 pairs, not 16).
+    np.testing.assert_allclose(history_mirrored["loss"], history_default["loss"][:3], rtol=0.05)
+    assert history_mirrored["loss"] != history_default["loss"][:3]  # it really ran on two replicas
+
+
+def _checkpoint_counters(model_dir):
+    reader = tf.train.load_checkpoint(os.path.join(model_dir, "checkpoints"))
+    names = reader.get_variable_to_shape_map()
+    step = reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")
+    iterations = [reader.get_tensor(n) for n in names if n.startswith("optimizers/") and "/_iterations/" in n]
+    return int(step), [int(i) for i in iterations]
+
+
+def test_kill_and_resume_continues_from_the_saved_step(tmp_path):
+    model_dir = tmp_path / "run"
+    command = [
+        "-m", "xcos_tf.train", "--data=synthetic", "--num_classes=4", f"--backbone={TINY_BACKBONE}",
+        f"--image_size={IMAGE_SHAPE[0]}", "--batch_size=4", "--train_steps=300", "--checkpoint_every=10",
+        "--log_every=10", "--export_formats=", f"--model_dir={model_dir}",
+    ]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO_ROOT))
+    first = subprocess.Popen([sys.executable, *command], cwd=REPO_ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + TIMEOUT
+        while not (model_dir / "checkpoints" / "ckpt-20.index").exists():
+            assert first.poll() is None, "the first run ended before it could be killed"
+            assert time.time() < deadline, "no checkpoint appeared in time"
+            time.sleep(0.05)
+        first.send_signal(signal.SIGKILL)
+    finally:
+        first.kill()
+        first.wait()
+    saved_step, _ = _checkpoint_counters(model_dir)
+    assert 20 <= saved_step < 300
+
+    second = _run_python(command)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"Resuming at step {saved_step}" in second.stderr
+    step, iterations = _checkpoint_counters(model_dir)
+    # Every optimizer applied exactly one update per step: no step ran twice or was lost.
+    assert step == 300 and iterations and all(i == 300 for i in iterations)
+
+    third = _run_python(command)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "is finished" in third.stderr
+    assert _checkpoint_counters(model_dir)[0] == 300
+
+
+def test_flag_errors_name_the_flag(tmp_path):
+    """A missing shard path: exit code 2 and the flag named, no traceback, nothing written."""
+    result = _run_python(["-m", "xcos_tf.train", f"--model_dir={tmp_path}", "--train_shards=/nonexistent/*.tfrecord"])
+    assert result.returncode == 2
+    assert "--train_shards matches no file: '/nonexistent/*.tfrecord'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not os.listdir(tmp_path)
+    # Values outside a flag's choices fail in absl's parser, which names the flag too.
+    with pytest.raises(flags.IllegalFlagValueError, match="--strategy=tpu"):
+        flags.FLAGS(["xcos_tf.train", "--strategy=tpu"])
+
+
+def test_config_errors_name_the_flag(tmp_path, data_dir):
+    with pytest.raises(train.ConfigError, match="--backbone"):
+        tiny_config(tmp_path, data_dir, backbone="resnet9000").validate()
+    with pytest.raises(train.ConfigError, match="--init_backbone"):
+        tiny_config(tmp_path, data_dir, init_backbone="onnx:/nonexistent.onnx").validate()
+    with pytest.raises(train.ConfigError, match="--teacher"):
+        tiny_config(tmp_path, data_dir, teacher="/nonexistent_saved_model").validate()
+    with pytest.raises(train.ConfigError, match="num_classes=2"):
+        train.resolve_data(tiny_config(tmp_path, data_dir, num_classes=2))  # the shards hold labels 0..3

@@ -40,6 +40,7 @@ PARAMS_FILE = "params.json"
 BEST_MODEL = "best.keras"
 FINAL_MODEL = "final.keras"
 _NUM_SUMMARY_PAIRS = 4  # pairs whose cos and attention maps TensorBoard shows
+_EVAL_BATCH = 64
 
 # === Data ===
 _TRAIN_SHARDS = flags.DEFINE_list("train_shards", [], "Glob patterns of the training TFRecord shards.")
@@ -296,7 +297,9 @@ def resolve_data(config):
     """Checks the shards (corrupt records, labels, teacher embeddings) and fills in
     `num_classes` from them; raises `ConfigError` naming the flag. Reads labels only."""
     if config.eval_pairs:
-        _scan("eval_pairs", config.eval_pairs, "pairs")
+        num_pairs = sum(_scan("eval_pairs", config.eval_pairs, "pairs").counts)
+        if min(num_pairs, config.eval_max_pairs or num_pairs) < 10:
+            raise ConfigError("eval_pairs", f"hold too few pairs for 10-fold accuracy: {num_pairs} (--eval_max_pairs={config.eval_max_pairs})")
     if config.data == "shards":
         scan = _scan("train_shards", config.train_shards, "faces", num_classes=config.num_classes or None)
         if scan.teacher_dim == 0 and not config.teacher:
@@ -530,6 +533,8 @@ def train(config):
         return {}
     keras.utils.set_random_seed(config.seed)
     if config.mixed_precision:
+        if not tf.config.list_physical_devices("GPU"):
+            logging.warning("--mixed_precision without a GPU: float16 on the CPU is slow, not faster.")
         keras.mixed_precision.set_global_policy("mixed_float16")
     num_replicas = strategy.num_replicas_in_sync
     global_batch_size = config.batch_size * num_replicas
@@ -562,7 +567,8 @@ def train(config):
         trainer.apply_loss_gradients(tape, loss)
         return {name: tf.cast(value, tf.float32) for name, value in terms.items()}
 
-    @tf.function
+    # No tensor-dependent Python control flow here: skipping AutoGraph saves many seconds of tracing.
+    @tf.function(autograph=False)
     def train_step(iterator):
         terms = strategy.run(replica_step, args=(next(iterator),))
         return {name: strategy.reduce("MEAN", value, axis=None) for name, value in terms.items()}
@@ -718,73 +724,59 @@ def _check_same_run(saved, config, params_path):
 
 class _Evaluator:
     """10-fold accuracy of the xCos score and of the plain embedding cosine on the eval pairs,
-    plus TensorBoard images of the cos and attention maps of a few fixed pairs."""
+    plus TensorBoard images of the cos and attention maps of the first pairs (always the same)."""
 
     def __init__(self, config):
-        self.config = config
-        self.pairs = _load_eval_pairs(config)
+        dataset = pipeline.eval_pair_dataset(
+            list(config.eval_pairs), _EVAL_BATCH, image_shape=(config.image_size, config.image_size, 3)
+        )
+        if config.eval_max_pairs:
+            dataset = dataset.unbatch().take(config.eval_max_pairs).batch(_EVAL_BATCH)
+        self.dataset = dataset
 
     def evaluate(self, trainer, step):
         verifier = xcos_model.build_verifier(trainer)
-        scores, cosines, maps = [], [], None
-        for start in range(0, len(self.pairs["is_same"]), 64):
-            image_a = self.pairs["image_a"][start:start + 64]
-            image_b = self.pairs["image_b"][start:start + 64]
-            outputs = verifier.verify({"image_a": image_a, "image_b": image_b}, training=False)
-            embedding_a = verifier.embed({"image": image_a}, training=False)["embedding"]
-            embedding_b = verifier.embed({"image": image_b}, training=False)["embedding"]
-            scores.append(np.asarray(outputs["score"]))
-            cosines.append(np.sum(np.asarray(embedding_a) * np.asarray(embedding_b), axis=-1))
-            if maps is None:
-                maps = {key: np.asarray(outputs[key][:_NUM_SUMMARY_PAIRS]) for key in ("cos_map", "attention_map")}
-        is_same = self.pairs["is_same"]
+        results = {"score": [], "cosine": [], "is_same": [], "fold": []}
+        panels = None
+        for batch in self.dataset:
+            # One backbone pass per face: embed both, then compare the grids.
+            face_a = verifier.embed({"image": batch["image_a"]}, training=False)
+            face_b = verifier.embed({"image": batch["image_b"]}, training=False)
+            outputs = verifier.compare({"grid_a": face_a["grid"], "grid_b": face_b["grid"]}, training=False)
+            results["score"].append(np.asarray(outputs["score"]))
+            results["cosine"].append(np.sum(np.asarray(face_a["embedding"]) * np.asarray(face_b["embedding"]), axis=-1))
+            results["is_same"].append(batch["is_same"].numpy())
+            results["fold"].append(batch["fold"].numpy())
+            if panels is None:
+                panels = _map_panels(batch, outputs)
+        results = {key: np.concatenate(value) for key, value in results.items()}
         # The shards' own folds (LFW's 10) when they have several, else 10 consecutive folds.
-        folds = self.pairs["fold"] if len(np.unique(self.pairs["fold"])) >= 2 else 10
-        xcos = metrics.k_fold_accuracy(np.concatenate(scores), is_same, folds)
-        cosine = metrics.k_fold_accuracy(np.concatenate(cosines), is_same, folds)
+        folds = results["fold"] if len(np.unique(results["fold"])) >= 2 else 10
+        xcos = metrics.k_fold_accuracy(results["score"], results["is_same"], folds)
+        cosine = metrics.k_fold_accuracy(results["cosine"], results["is_same"], folds)
         tf.summary.scalar("eval/xcos_accuracy", xcos.mean, step=step)
         tf.summary.scalar("eval/cosine_accuracy", cosine.mean, step=step)
-        tf.summary.image("eval/pairs_cos_attention", _map_panels(self.pairs, maps), step=step, max_outputs=_NUM_SUMMARY_PAIRS)
+        tf.summary.image("eval/pairs_cos_attention", panels, step=step, max_outputs=_NUM_SUMMARY_PAIRS)
         logging.info("Step %d: 10-fold accuracy xCos %.4f, embedding cosine %.4f.", step, xcos.mean, cosine.mean)
         return xcos.mean
 
 
-def _load_eval_pairs(config):
-    """The evaluation pairs as numpy arrays: image_a, image_b, is_same, fold."""
-    keys = ("image_a", "image_b", "is_same", "fold")
-    pairs = {key: [] for key in keys}
-    image_shape = (config.image_size, config.image_size, 3)
-    for batch in pipeline.eval_pair_dataset(list(config.eval_pairs), 64, image_shape=image_shape):
-        for key in keys:
-            pairs[key].append(batch[key].numpy())
-    pairs = {key: np.concatenate(value) for key, value in pairs.items()}
-    if config.eval_max_pairs:
-        pairs = {key: value[: config.eval_max_pairs] for key, value in pairs.items()}
-    if len(pairs["is_same"]) < 10:
-        raise ConfigError("eval_pairs", f"holds {len(pairs['is_same'])} pairs; 10-fold accuracy needs at least 10")
-    return pairs
-
-
-def _map_panels(pairs, maps):
+def _map_panels(batch, outputs):
     """One RGB image per pair: face a | face b | cos map | attention map (maps as grey levels).
 
     cos in [-1, 1] maps to [0, 1]; attention is scaled by its maximum so its pattern shows.
     """
-    size = pairs["image_a"].shape[1]
-    count = len(maps["cos_map"])
+    count = min(_NUM_SUMMARY_PAIRS, int(batch["image_a"].shape[0]))
+    size = batch["image_a"].shape[1:3]
+    cos_map = np.asarray(outputs["cos_map"][:count])
+    attention = np.asarray(outputs["attention_map"][:count])
+    attention = attention / np.maximum(attention.max(axis=(1, 2), keepdims=True), 1e-12)
 
     def panel(cell_map):
-        grey = tf.image.resize(cell_map[..., None], (size, size), method="nearest")
-        return tf.tile(grey, (1, 1, 1, 3))
+        return tf.tile(tf.image.resize(cell_map[..., None], size, method="nearest"), (1, 1, 1, 3))
 
-    attention = maps["attention_map"] / np.maximum(maps["attention_map"].max(axis=(1, 2), keepdims=True), 1e-12)
     return tf.concat(
-        [
-            pairs["image_a"][:count] / 255.0,
-            pairs["image_b"][:count] / 255.0,
-            panel((maps["cos_map"] + 1.0) / 2.0),
-            panel(attention),
-        ],
+        [batch["image_a"][:count] / 255.0, batch["image_b"][:count] / 255.0, panel((cos_map + 1.0) / 2.0), panel(attention)],
         axis=2,
     )
 
