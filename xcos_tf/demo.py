@@ -139,8 +139,9 @@ def build_demo(runtime_model, aligner, max_bytes=MAX_UPLOAD_MB * MB, model_label
         try:
             return compare_uploads(upload_a, upload_b, runtime_model, aligner, max_bytes)
         except UploadError as err:
-            # A user's mistake, not a server fault: no traceback in the log, and it stays until closed.
-            raise gr.Error(str(err), duration=None, print_exception=False) from None
+            # A user's mistake, not a server fault: no traceback in the log. 20 s on screen, so
+            # that the message of an earlier try does not linger beside a newer one.
+            raise gr.Error(str(err), duration=20, print_exception=False) from None
 
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(
@@ -158,7 +159,7 @@ def build_demo(runtime_model, aligner, max_bytes=MAX_UPLOAD_MB * MB, model_label
         picture = gr.Image(label="Why: the explanation", format="png", interactive=False,
                            buttons=["download", "fullscreen"], elem_id="explanation")
         gr.Markdown(
-            f"Accepted: {', '.join(s[1:].upper() for s in IMAGE_SUFFIXES)} up to {max_bytes / MB:g} MB. "
+            f"Accepted: {', '.join(s[1:].upper() for s in IMAGE_SUFFIXES)} up to {max_bytes / MB:g} MB and {MAX_MEGAPIXELS} megapixels. "
             f"Uploads stay in a temporary folder deleted when the server stops. {model_label}"
         )
         # preprocess=False: our own reader gives the page a clear message for a corrupt file,
