@@ -123,7 +123,7 @@ def test_face_choice_and_no_face_on_wild_photos(shared_dir):
     index = json.loads((wild / "index.json").read_text())
     central = align.FaceAligner(shared_dir / "models" / "yunet.onnx", choose="central")
     largest = align.FaceAligner(shared_dir / "models" / "yunet.onnx", choose="largest")
-    for name in index["several_faces"][:5]:
+    for name in index["several_faces"][:3]:
         image = align.read_image(wild / name)
         faces = central.detect(image)
         assert len(faces) >= 2
