@@ -514,6 +514,32 @@ def train_dataset_fn(config, global_batch_size, epoch, skip_steps):
 # === The loop ===
 
 
+def make_train_step(strategy, trainer, teacher=None):
+    """`iterator -> mean loss terms` of one distributed training step (a tf.function).
+
+    With a `teacher`, teacher_cos is computed in the graph instead of read from the batch.
+    """
+
+    def replica_step(batch):
+        if teacher is not None:
+            batch = dict(batch, teacher_cos=teacher_cosine(teacher, batch["image_a"], batch["image_b"]))
+        with tf.GradientTape(persistent=True) as tape:
+            outputs = trainer(batch, training=True)
+            terms = trainer.compute_loss_terms(batch, outputs)
+            # Optimizers sum the replicas' gradients: divide to get the global-batch mean.
+            loss = terms["loss"] / strategy.num_replicas_in_sync
+        trainer.apply_loss_gradients(tape, loss)
+        return {name: tf.cast(value, tf.float32) for name, value in terms.items()}
+
+    # No tensor-dependent Python control flow here: skipping AutoGraph saves many seconds of tracing.
+    @tf.function(autograph=False)
+    def train_step(iterator):
+        terms = strategy.run(replica_step, args=(next(iterator),))
+        return {name: strategy.reduce("MEAN", value, axis=None) for name, value in terms.items()}
+
+    return train_step
+
+
 def train(config):
     """Trains (or resumes) the run the config describes; returns a dict of per-step loss lists.
 
@@ -556,23 +582,7 @@ def train(config):
         "Resuming" if restored else "Starting", int(step.numpy()), num_replicas, global_batch_size,
     )
 
-    def replica_step(batch):
-        if teacher is not None:
-            batch = dict(batch, teacher_cos=teacher_cosine(teacher, batch["image_a"], batch["image_b"]))
-        with tf.GradientTape(persistent=True) as tape:
-            outputs = trainer(batch, training=True)
-            terms = trainer.compute_loss_terms(batch, outputs)
-            # Optimizers sum the replicas' gradients: divide to get the global-batch mean.
-            loss = terms["loss"] / strategy.num_replicas_in_sync
-        trainer.apply_loss_gradients(tape, loss)
-        return {name: tf.cast(value, tf.float32) for name, value in terms.items()}
-
-    # No tensor-dependent Python control flow here: skipping AutoGraph saves many seconds of tracing.
-    @tf.function(autograph=False)
-    def train_step(iterator):
-        terms = strategy.run(replica_step, args=(next(iterator),))
-        return {name: strategy.reduce("MEAN", value, axis=None) for name, value in terms.items()}
-
+    train_step = make_train_step(strategy, trainer, teacher)
     evaluator = _Evaluator(config) if config.eval_pairs and chief else None
     history = {"step": [], "loss": [], "ce_loss": [], "xcos_loss": []}
     progbar = keras.utils.Progbar(config.train_steps, verbose=1 if chief else 0, stateful_metrics=["lr"])
