@@ -1,0 +1,80 @@
+"""Feature cache: written once from face/pair shards, refused when stale, sampled into pairs."""
+import numpy as np
+import pytest
+
+from tests.conftest import tiny_backbone
+from xcos_tf.data import features, records
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return tiny_backbone(input_shape=(112, 112, 3), channels=8)
+
+
+def test_face_cache_round_trip_and_pairs(tmp_path, backbone):
+    shards = records.write_synthetic_shards(tmp_path / "faces", num_shards=2, records_per_shard=12, num_classes=3,
+                                            unlabelled_fraction=0.2)
+    manifest = features.write_feature_shards(backbone, shards, tmp_path / "cache", progress=False)
+    assert manifest["complete"] and manifest["num_records"] == 24
+    # A second run finds the complete cache and writes nothing.
+    assert features.write_feature_shards(backbone, shards, tmp_path / "cache", progress=False) == manifest
+    dataset = features.feature_pair_dataset(tmp_path / "cache", batch_size=8, seed=1, deterministic=True)
+    batch = next(iter(dataset))
+    assert batch["feature_a"].shape == (8,) + backbone.output_shape[1:]
+    assert np.all(np.abs(batch["teacher_cos"].numpy()) <= 1.0)
+    same = batch["label_a"].numpy() == batch["label_b"].numpy()
+    assert np.all(batch["label_a"].numpy()[same] >= 0)
+    # A cached map equals the backbone's output on the face (float16 precision).
+    images = next(iter(records_images(shards[0])))
+    expected = backbone(images[None], training=False).numpy()[0]
+    stored = first_cached_map(tmp_path / "cache")
+    np.testing.assert_allclose(stored, expected, rtol=2e-3, atol=2e-3)
+
+
+def test_stale_cache_is_refused(tmp_path, backbone):
+    shards = records.write_synthetic_shards(tmp_path / "faces", num_shards=1, records_per_shard=4, num_classes=2)
+    features.write_feature_shards(backbone, shards, tmp_path / "cache", progress=False)
+    other = tiny_backbone(input_shape=(112, 112, 3), channels=8)
+    with pytest.raises(features.StaleFeatureCacheError, match="backbone"):
+        features.write_feature_shards(other, shards, tmp_path / "cache", progress=False)
+    with pytest.raises(features.StaleFeatureCacheError):
+        features.check_cache(tmp_path / "cache", backbone=other)
+
+
+def records_images(path):
+    import tensorflow as tf
+
+    from xcos_tf.data import pipeline
+    return tf.data.TFRecordDataset(str(path)).map(lambda s: pipeline.decode_image(records.decode_face(s)["image_encoded"]))
+
+
+def first_cached_map(cache_dir):
+    import tensorflow as tf
+    manifest = features.check_cache(cache_dir)
+    path = str(cache_dir / manifest["shards"][0]["file"])
+    parse = features._face_parser(tuple(manifest["feature_shape"]))
+    record = parse(next(iter(tf.data.TFRecordDataset(path))))
+    return features._parse_map(record["map"], tuple(manifest["feature_shape"])).numpy()
+
+
+def test_pair_cache_computes_each_face_once(tmp_path, backbone):
+    import cv2
+
+    from xcos_tf.data import align
+    rng = np.random.default_rng(0)
+    faces = [align.encode_image(cv2.resize(rng.integers(0, 256, (7, 7, 3), dtype=np.uint8), (112, 112)), "png")
+             for _ in range(3)]
+    embedding = np.eye(4, dtype=np.float32)
+    pairs = [(0, 1, False), (0, 2, False), (1, 1, True)]
+    serialized = [records.encode_pair_example(faces[a], faces[b], "png", same, i % 2, f"p{a}", f"p{b}",
+                                              f"face{a}.png", f"face{b}.png", embedding[a], embedding[b])
+                  for i, (a, b, same) in enumerate(pairs)]
+    (tmp_path / "pairs").mkdir()
+    records.write_shard(tmp_path / "pairs" / "pairs-00000.tfrecord", serialized)
+    features.write_feature_shards(backbone, tmp_path / "pairs", tmp_path / "cache", kind="pairs", progress=False)
+    loaded = features.eval_feature_pairs(tmp_path / "cache")
+    assert loaded["map_a"].shape == (3,) + backbone.output_shape[1:]
+    np.testing.assert_array_equal(loaded["is_same"], [False, False, True])
+    np.testing.assert_allclose(loaded["teacher_cos"], [0.0, 0.0, 1.0])
+    np.testing.assert_array_equal(loaded["map_a"][0], loaded["map_a"][1])  # face 0 twice, one map
+    np.testing.assert_array_equal(loaded["map_b"][2], loaded["map_a"][2])
