@@ -42,8 +42,9 @@ class XCosTrainer(keras.Model):
         **kwargs: other keyword arguments passed to `keras.Model`.
 
     Call arguments:
-        inputs: dict with `"image_a"`, `"image_b"` (batch, H, W, 3) and optionally
-            `"label_a"`, `"label_b"` (batch,) int labels (the margin needs them).
+        inputs: dict with `"image_a"`, `"image_b"` (batch, H, W, 3), or instead
+            `"feature_a"`, `"feature_b"`: the frozen backbone's cached outputs for them; and
+            optionally `"label_a"`, `"label_b"` (batch,) int labels (the margin needs them).
 
     Returns a dict with the XCosLayer outputs plus `"logits"` (2 * batch, classes: faces
     a then faces b) and `"embedding"` (2 * batch, cells * channels).
@@ -104,9 +105,14 @@ class XCosTrainer(keras.Model):
         self.xcos_weight = float(xcos_weight)
 
     def call(self, inputs, training=False):
-        image_a, image_b = inputs["image_a"], inputs["image_b"]
-        # One backbone pass over both faces of every pair.
-        grid = self.grid_head(self.backbone(ops.concatenate([image_a, image_b], 0), training=training), training=training)
+        if "feature_a" in inputs:
+            # Cached outputs of a frozen backbone (xcos_tf.data.features): the backbone is skipped.
+            feature_maps = ops.concatenate([inputs["feature_a"], inputs["feature_b"]], 0)
+        else:
+            # One backbone pass over both faces of every pair.
+            images = ops.concatenate([inputs["image_a"], inputs["image_b"]], 0)
+            feature_maps = self.backbone(images, training=training)
+        grid = self.grid_head(feature_maps, training=training)
         grid_a, grid_b = ops.split(grid, 2, axis=0)
         embedding = _flat_unit(grid)
         labels = None
