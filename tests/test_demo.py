@@ -23,7 +23,8 @@ import pytest
 from xcos_tf import demo
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's package; Playwright cannot download one here
+# Debian's package: Playwright cannot download its own browser here.
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 SERVER_START_TIMEOUT = 150  # about 30 s on an idle 2-core machine; generous for a loaded one
 PAGE_TIMEOUT_MS = 30_000
@@ -71,7 +72,7 @@ def test_read_upload_refuses_too_many_pixels_before_decoding(tmp_path, monkeypat
     cv2.imwrite(str(path), np.zeros((200, 300, 3), np.uint8))
     monkeypatch.setattr(demo, "MAX_MEGAPIXELS", 0.05)
     monkeypatch.setattr(demo.align, "decode_image", lambda *args, **kwargs: pytest.fail("decoded"))
-    with pytest.raises(demo.UploadError, match=r"photo A \(huge.png\): 300x200 pixels is more than the 0.05 megapixel"):
+    with pytest.raises(demo.UploadError, match=r"\(huge.png\): 300x200 pixels is more than the 0.05 megapixel"):
         demo.read_upload(str(path), "photo A (huge.png)", max_bytes=demo.MB)
 
 
@@ -113,7 +114,8 @@ def test_compare_uploads_finds_the_face_in_a_large_close_up(shared_dir, tmp_path
     # Scaled to 1600 px the face is too large for YuNet (no face found); the demo shrinks first.
     face = align.read_image(shared_dir / "data" / "lfw" / "images" / "AJ_Cook" / "AJ_Cook_0001.jpg")
     path = tmp_path / "close_up.jpg"
-    cv2.imwrite(str(path), cv2.cvtColor(cv2.resize(face, (1600, 1600), interpolation=cv2.INTER_CUBIC), cv2.COLOR_RGB2BGR))
+    close_up = cv2.resize(face, (1600, 1600), interpolation=cv2.INTER_CUBIC)
+    cv2.imwrite(str(path), cv2.cvtColor(close_up, cv2.COLOR_RGB2BGR))
     aligner = align.FaceAligner(shared_dir / "models" / "yunet.onnx", choose="largest")
     upload = {"path": str(path), "orig_name": "close_up.jpg"}
     summary, picture = demo.compare_uploads(upload, upload, _FixedRuntime(), aligner, max_bytes=10 * demo.MB)
@@ -198,7 +200,9 @@ class DemoServer:
                         return
             except OSError:
                 time.sleep(0.5)
-        pytest.fail(f"demo server did not answer at {self.url} within {SERVER_START_TIMEOUT} s:\n{self.log()[-3000:]}")
+        pytest.fail(
+            f"demo server did not answer at {self.url} within {SERVER_START_TIMEOUT} s:\n{self.log()[-3000:]}"
+        )
 
     def stop(self):
         """SIGTERM (a clean stop that removes the upload folder), then SIGKILL if it hangs."""

@@ -39,11 +39,17 @@ DETECTION_MAX_SIDE = 640
 TITLE = "xCos: explainable face verification"
 
 _MODEL = flags.DEFINE_string("model", None, "Exported model folder (`python -m xcos_tf.export`).")
-_FORMAT = flags.DEFINE_enum("format", "saved_model", runtime.FORMATS, "Which of the exported formats serves the page.")
+_FORMAT = flags.DEFINE_enum(
+    "format", "saved_model", runtime.FORMATS, "Which of the exported formats serves the page."
+)
 _DETECTOR = flags.DEFINE_string("detector", explain.DEFAULT_DETECTOR, "YuNet face detector ONNX file.")
-_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0 exposes the page to the network).")
+_HOST = flags.DEFINE_string(
+    "host", "127.0.0.1", "Address to listen on (0.0.0.0 exposes the page to the network)."
+)
 _PORT = flags.DEFINE_integer("port", 7860, "Port to listen on.", lower_bound=1, upper_bound=65535)
-_MAX_UPLOAD_MB = flags.DEFINE_integer("max_upload_mb", MAX_UPLOAD_MB, "Largest accepted photo, in MB.", lower_bound=1)
+_MAX_UPLOAD_MB = flags.DEFINE_integer(
+    "max_upload_mb", MAX_UPLOAD_MB, "Largest accepted photo, in MB.", lower_bound=1
+)
 
 
 class UploadError(ValueError):
@@ -60,7 +66,9 @@ def read_upload(path, name, max_bytes):
     """
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in IMAGE_SUFFIXES:
-        raise UploadError(f"{name}: file type {suffix or '(none)'} is not accepted; use one of {', '.join(IMAGE_SUFFIXES)}")
+        raise UploadError(
+            f"{name}: file type {suffix or '(none)'} is not accepted; use one of {', '.join(IMAGE_SUFFIXES)}"
+        )
     size = os.path.getsize(path)
     if size > max_bytes:
         raise UploadError(f"{name}: {size / MB:.1f} MB is larger than the {max_bytes / MB:g} MB limit")
@@ -82,11 +90,13 @@ def _check_pixel_count(path, name):
     except (OSError, ValueError):
         return  # not an image Pillow knows: decode_image names the problem
     if width * height > MAX_MEGAPIXELS * 10**6:
-        raise UploadError(f"{name}: {width}x{height} pixels is more than the {MAX_MEGAPIXELS} megapixel limit")
+        raise UploadError(
+            f"{name}: {width}x{height} pixels is more than the {MAX_MEGAPIXELS} megapixel limit"
+        )
 
 
 def shrink(image, max_side=DETECTION_MAX_SIDE):
-    """Scales an RGB image down so that its longer side is at most `max_side`; smaller ones unchanged."""
+    """Scales an RGB image down to a longer side of at most `max_side`; smaller ones unchanged."""
     height, width = image.shape[:2]
     scale = max_side / max(height, width)
     if scale >= 1.0:
@@ -98,7 +108,8 @@ def summary_markdown(result):
     """The verdict line and any notes (several faces found, crop used as is) as Markdown."""
     score, threshold = result["score"], result["threshold"]
     if result["decision"] is None:
-        headline = f"### Score {score:.3f}\nThe model has no calibrated threshold, so no same/different decision."
+        headline = (f"### Score {score:.3f}\n"
+                    "The model has no calibrated threshold, so no same/different decision.")
     else:
         verdict = "Same person" if result["decision"] == "same" else "Different people"
         headline = f"### {verdict}: score {score:.3f} (threshold {threshold:.3f})"
@@ -118,7 +129,8 @@ def compare_uploads(upload_a, upload_b, runtime_model, aligner, max_bytes):
         # The cached path keeps the uploaded file's name; the page names files as the user does.
         name = f"{label} ({upload.get('orig_name') or os.path.basename(upload['path'])})"
         try:
-            face, note = explain.align_photo(shrink(read_upload(upload["path"], name, max_bytes)), name, aligner)
+            photo = shrink(read_upload(upload["path"], name, max_bytes))
+            face, note = explain.align_photo(photo, name, aligner)
         except align.FaceError as err:
             raise UploadError(f"{err}: use a photo where a face is clearly visible") from None
         names.append(name)
@@ -159,8 +171,9 @@ def build_demo(runtime_model, aligner, max_bytes=MAX_UPLOAD_MB * MB, model_label
         picture = gr.Image(label="Why: the explanation", format="png", interactive=False,
                            buttons=["download", "fullscreen"], elem_id="explanation")
         gr.Markdown(
-            f"Accepted: {', '.join(s[1:].upper() for s in IMAGE_SUFFIXES)} up to {max_bytes / MB:g} MB and {MAX_MEGAPIXELS} megapixels. "
-            f"Uploads stay in a temporary folder deleted when the server stops. {model_label}"
+            f"Accepted: {', '.join(s[1:].upper() for s in IMAGE_SUFFIXES)} up to {max_bytes / MB:g} MB "
+            f"and {MAX_MEGAPIXELS} megapixels. Uploads stay in a temporary folder deleted when the "
+            f"server stops. {model_label}"
         )
         # preprocess=False: our own reader gives the page a clear message for a corrupt file,
         # where Gradio's PIL preprocessing would fail with a generic error. Gradio still checks
@@ -208,7 +221,8 @@ def main(argv):
                 show_error=False, inbrowser=False,
             )
         except OSError as err:  # port taken, address not local
-            print(f"xcos_tf.demo: cannot serve on --host {_HOST.value} --port {_PORT.value}: {err}", file=sys.stderr)
+            print(f"xcos_tf.demo: cannot serve on --host {_HOST.value} --port {_PORT.value}: {err}",
+                  file=sys.stderr)
             sys.exit(explain.EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         pass
