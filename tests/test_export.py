@@ -13,6 +13,7 @@ from ai_edge_litert.interpreter import Interpreter
 import export_testing
 from export_testing import REPO_ROOT
 from xcos_tf import export
+from xcos_tf.data import records
 
 SIGNATURE_IO = {
     "verify": ({"image_a", "image_b"}, {"score", "cos_map", "attention_map"}),
@@ -34,7 +35,7 @@ def test_folder_holds_every_format_with_checksums(exported):
     }
     assert written - {"manifest.json"} == set(manifest["files"])
     for path, entry in manifest["files"].items():
-        assert export.sha256(out / path) == entry["sha256"], path
+        assert records.sha256_file(out / path) == entry["sha256"], path
     assert {"saved_model/xcos/1/saved_model.pb", "models.config", "tf_serving_request.json", "xcos.tflite",
             "xcos_fp16.tflite", "xcos_int8.tflite", "xcos_verify.onnx", "xcos_embed.onnx",
             "xcos_compare.onnx"} <= written
@@ -49,11 +50,12 @@ def test_folder_holds_every_format_with_checksums(exported):
     assert 'name: "xcos"' in config and 'base_path: "/models/xcos/saved_model/xcos"' in config
 
 
-def test_saved_model_cli_lists_the_signatures(exported, capsys):
-    from tensorflow.python.tools import saved_model_cli  # `saved_model_cli show --all`, in process
-
-    saved_model_cli._show_all(str(exported.dir / "saved_model" / "xcos" / "1"))
-    shown = capsys.readouterr().out
+def test_saved_model_cli_lists_the_signatures(exported):
+    # A subprocess: importing saved_model_cli defines absl flags (--overwrite...) that clash with train's.
+    shown = subprocess.run(
+        ["saved_model_cli", "show", "--all", "--dir", str(exported.dir / "saved_model" / "xcos" / "1")],
+        capture_output=True, text=True, check=True,
+    ).stdout
     for signature in ("serving_default", "verify", "verify_uint8", "embed", "compare"):
         assert f"signature_def['{signature}']" in shown
     for name in ("image_a", "image_b", "image", "grid_a", "grid_b", "score", "cos_map", "attention_map",
@@ -183,6 +185,18 @@ def test_bad_sources_are_named(tmp_path):
         export.resolve_verifier(str(tmp_path))
     with pytest.raises(ValueError, match="Expected a `.keras` file"):
         export.resolve_verifier(str(tmp_path / "weights.h5"))
+
+
+def test_a_training_run_folder_is_restored_through_train(tmp_path, monkeypatch):
+    from xcos_tf import train
+
+    (tmp_path / "params.json").write_text("{}")
+    trainer = export_testing.tiny_trainer()
+    restored_from = []
+    monkeypatch.setattr(train, "load_trainer", lambda model_dir: restored_from.append(model_dir) or trainer)
+    verifier = export.resolve_verifier(str(tmp_path))
+    assert restored_from == [str(tmp_path)]
+    assert verifier.verify.get_layer("xcos") is trainer.xcos
 
 
 def test_cli_names_a_missing_model_file(tmp_path):

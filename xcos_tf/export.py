@@ -24,7 +24,6 @@ a failed or killed export never leaves a half folder where a good one stood.
 import contextlib
 import datetime
 import glob
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -43,7 +42,7 @@ from absl import app, flags, logging
 import xcos_tf
 from xcos_tf import layers
 from xcos_tf import model as xcos_model
-from xcos_tf.data import align
+from xcos_tf.data import align, records
 from xcos_tf.runtime import FORMATS, MANIFEST_FILE
 
 SIGNATURES = ("verify", "embed", "compare")
@@ -138,7 +137,8 @@ def build_archive(verifier):
 
     @tf.function(input_signature=_tensor_specs(specs["verify"]["inputs"], tf.uint8))
     def verify_uint8(image_a, image_b):
-        return verify(tf.cast(image_a, tf.float32), tf.cast(image_b, tf.float32))
+        images = {"image_a": tf.cast(image_a, tf.float32), "image_b": tf.cast(image_b, tf.float32)}
+        return verifier.verify(images, training=False)
 
     @tf.function(input_signature=_tensor_specs(specs["embed"]["inputs"]))
     def embed(image):
@@ -283,7 +283,7 @@ def convert_onnx(saved_model_dir, signature, path, opset=ONNX_OPSET):
     names = [spec.name for spec in input_specs]
 
     # tf2onnx names the graph's inputs after the specs and its outputs after the dict keys.
-    @tf.function(input_signature=input_specs)
+    @tf.function(input_signature=input_specs, autograph=False)
     def by_name(*tensors):
         return function(**dict(zip(names, tensors)))
 
@@ -307,21 +307,13 @@ def _versions():
     return versions
 
 
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def file_digests(root):
     """{relative path: {"sha256", "bytes"}} of every file under `root`."""
     digests = {}
     for folder, _, files in sorted(os.walk(root)):
         for file_name in sorted(files):
             path = os.path.join(folder, file_name)
-            digests[os.path.relpath(path, root)] = {"sha256": sha256(path), "bytes": os.path.getsize(path)}
+            digests[os.path.relpath(path, root)] = {"sha256": records.sha256_file(path), "bytes": os.path.getsize(path)}
     return digests
 
 
@@ -557,6 +549,8 @@ def main(argv, args):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     values = {key: holder.value for key, holder in args.items()}
+    # TensorFlow's own INFO lines (signature renames, saver timings) drown the export's progress.
+    tf.get_logger().setLevel("WARNING")
     try:
         calibration = None
         if values["calibration_dir"]:

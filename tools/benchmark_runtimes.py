@@ -1,0 +1,132 @@
+"""Pairs per second of every xCos runtime on this CPU, and the size of each exported file.
+
+    python tools/benchmark_runtimes.py [--backbone mobilefacenet] [--batch_sizes 1,16] [--seconds 5]
+
+Builds a verifier on the chosen backbone with RANDOM weights (speed does not depend on the
+weights), exports it with `xcos_tf.export` (int8 calibrated on real aligned faces from
+--calibration_dir), then times `verify` on real face pairs in Keras (`predict_on_batch`),
+the SavedModel, TFLite float32 / float16 / int8 (ai-edge-litert) and onnxruntime. Also
+prints each runtime's largest score difference to Keras on those pairs. Prints the machine,
+its load and the versions with the table: figures from a busy machine are lower.
+"""
+import os
+import pathlib
+import platform
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+_BACKBONE = flags.DEFINE_string("backbone", "mobilefacenet", "Backbone name (xcos_tf.backbones.get).")
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "16"], "Pairs per call to time.")
+_SECONDS = flags.DEFINE_float("seconds", 5.0, "Timed seconds per runtime and batch size (after warm-up).")
+_THREADS = flags.DEFINE_integer("threads", os.cpu_count(), "CPU threads for TFLite and onnxruntime.")
+_CALIBRATION_DIR = flags.DEFINE_string(
+    "calibration_dir", str(REPO_ROOT.parent / "shared" / "data" / "glint_sample" / "images"),
+    "Aligned 112x112 faces: int8 calibration and the timed pairs.",
+)
+_CALIBRATION_SIZE = flags.DEFINE_integer("calibration_size", 200, "Faces for int8 calibration.")
+_OUT = flags.DEFINE_string("out", None, "Keep the export here (default: a temporary folder).")
+_REUSE = flags.DEFINE_bool("reuse", False, "Time the export already in --out (same backbone and seed) instead of exporting.")
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def folder_bytes(path):
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def pairs_per_second(verify, faces_a, faces_b, batch_size, seconds):
+    """Calls `verify` on batches of `batch_size` pairs for about `seconds`; pairs per second."""
+    a, b = faces_a[:batch_size], faces_b[:batch_size]
+    for _ in range(3):  # warm-up: tracing, allocation, XNNPACK packing
+        verify(a, b)
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or calls < 3:
+        verify(a, b)
+        calls += 1
+    return calls * batch_size / (time.perf_counter() - start)
+
+
+def main(argv):
+    del argv
+    import keras
+    import numpy as np
+
+    from xcos_tf import backbones, export, runtime
+    from xcos_tf import model as xcos_model
+
+    batch_sizes = [int(size) for size in _BATCH_SIZES.value]
+    keras.utils.set_random_seed(0)
+    trainer = xcos_model.build_trainer(backbones.get(_BACKBONE.value), num_classes=1000)
+    verifier = xcos_model.build_verifier(trainer)
+    faces = export.load_faces(_CALIBRATION_DIR.value, _CALIBRATION_SIZE.value)
+    pair_count = max(batch_sizes)
+    faces_a, faces_b = faces[:pair_count].astype(np.float32), faces[-pair_count:].astype(np.float32)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        out_dir = _OUT.value or os.path.join(scratch, "export")
+        keras_path = os.path.join(scratch, "verify.keras")
+        verifier.verify.save(keras_path)
+        start = time.perf_counter()
+        if _REUSE.value and _OUT.value:
+            manifest = runtime.read_manifest(out_dir)
+        else:
+            manifest = export.export_model(verifier, out_dir, calibration_images=faces)
+        export_seconds = time.perf_counter() - start
+
+        def keras_verify(a, b):
+            return {k: np.asarray(v) for k, v in verifier.verify.predict_on_batch({"image_a": a, "image_b": b}).items()}
+
+        formats = manifest["formats"]
+        rows = [("Keras (predict_on_batch)", keras_verify, keras_path, "verify model as .keras")]
+        for model_format in runtime.FORMATS:
+            model = runtime.load(out_dir, format=model_format, num_threads=_THREADS.value)
+            if model_format == "onnx":
+                files = [os.path.join(out_dir, path) for path in formats["onnx"]["signatures"].values()]
+                size_note = "verify graph (+ embed, compare files)"
+            else:
+                files = [os.path.join(out_dir, formats[model_format]["path"])]
+                size_note = "folder" if model_format == "saved_model" else "one file, 3 signatures"
+            rows.append((model_format, model.verify, files[0], size_note))
+
+        reference = keras_verify(faces_a, faces_b)["score"]
+        results = []
+        for label, verify, path, size_note in rows:
+            speeds = [pairs_per_second(verify, faces_a, faces_b, size, _SECONDS.value) for size in batch_sizes]
+            error = float(np.abs(verify(faces_a, faces_b)["score"] - reference).max())
+            results.append((label, speeds, folder_bytes(path) / 1e6, size_note, error))
+
+    print(f"Machine: {cpu_name()}, {os.cpu_count()} logical CPUs, {platform.platform()}")
+    print(f"Load average during the run (1/5/15 min): {' / '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    versions = manifest["versions"]
+    print("Versions: " + ", ".join(f"{name} {version}" for name, version in versions.items()))
+    print(
+        f"Model: {_BACKBONE.value} + 7x7x32 grid + xCos head, random weights "
+        f"({manifest['model']['parameters']:,} parameters); "
+        + ("export reused from --out; " if _REUSE.value else f"export of all formats took {export_seconds:.0f} s; ")
+        + f"TFLite/onnxruntime threads: {_THREADS.value}; {pair_count} real face pairs, {_SECONDS.value:g} s per cell."
+    )
+    print()
+    header = " | ".join(f"pairs/s @ batch {size}" for size in batch_sizes)
+    print(f"| runtime | {header} | size (MB) | what the size counts | max abs score diff to Keras |")
+    print("|---" * (len(batch_sizes) + 4) + "|")
+    for label, speeds, megabytes, size_note, error in results:
+        cells = " | ".join(f"{speed:.1f}" for speed in speeds)
+        print(f"| {label} | {cells} | {megabytes:.2f} | {size_note} | {error:.1e} |")
+
+
+if __name__ == "__main__":
+    app.run(main)
