@@ -155,11 +155,18 @@ def exported_model(tmp_path, make_tiny_backbone):
 
 
 @pytest.fixture
-def browser():
+def browser_test_needs(shared_dir):
+    """Skips before the slow export and server start when something the browser test needs is absent."""
+    pytest.importorskip("gradio", reason='needs Gradio: pip install "xcos_tf[demo]"')
     sync_api = pytest.importorskip("playwright.sync_api", reason="needs Playwright: pip install playwright")
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"needs a Chromium browser at {CHROMIUM} (Debian: apt-get install chromium)")
-    with sync_api.sync_playwright() as playwright:
+    return sync_api
+
+
+@pytest.fixture
+def browser(browser_test_needs):
+    with browser_test_needs.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             yield browser
@@ -217,8 +224,7 @@ class DemoServer:
 
 
 @pytest.fixture
-def demo_server(exported_model, shared_dir, tmp_path):
-    pytest.importorskip("gradio", reason='needs Gradio: pip install "xcos_tf[demo]"')
+def demo_server(browser_test_needs, shared_dir, exported_model, tmp_path):
     server = DemoServer(exported_model, shared_dir / "models" / "yunet.onnx", tmp_path / "server")
     try:
         server.wait_until_up()
