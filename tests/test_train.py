@@ -1,5 +1,6 @@
 """Tests of the training loop: the loss goes down, mirrored == default, kill -9 and resume,
 a finished run is not restarted, flag errors name the flag."""
+import dataclasses
 import json
 import os
 import signal
@@ -190,3 +191,49 @@ def test_config_errors_name_the_flag(tmp_path, data_dir):
         tiny_config(tmp_path, data_dir, teacher="/nonexistent_saved_model").validate()
     with pytest.raises(train.ConfigError, match="num_classes=2"):
         train.resolve_data(tiny_config(tmp_path, data_dir, num_classes=2))  # the shards hold labels 0..3
+
+
+def test_in_graph_teacher_gives_the_cosine_and_no_gradient(tmp_path):
+    from conftest import tiny_backbone
+
+    teacher_model = keras.Sequential([tiny_backbone(IMAGE_SHAPE), keras.layers.GlobalAveragePooling2D()])
+    teacher_model.save(tmp_path / "teacher.keras")
+    teacher = train.load_teacher(str(tmp_path / "teacher.keras"))
+    rng = np.random.default_rng(0)
+    image_a, image_b = (tf.constant(rng.uniform(0, 255, (3, *IMAGE_SHAPE)), tf.float32) for _ in range(2))
+    with tf.GradientTape() as tape:
+        teacher_cos = train.teacher_cosine(teacher, image_a, image_b)
+    embedding_a, embedding_b = (teacher_model(x, training=False).numpy() for x in (image_a, image_b))
+    expected = np.sum(embedding_a * embedding_b, -1) / np.linalg.norm(embedding_a, axis=-1) / np.linalg.norm(embedding_b, axis=-1)
+    np.testing.assert_allclose(teacher_cos.numpy(), expected, atol=1e-5)
+    assert all(g is None for g in tape.gradient(teacher_cos, teacher.trainable_weights + teacher.weights))
+
+
+def test_pretrained_backbone_frozen_or_at_a_lower_rate(tmp_path, data_dir):
+    from conftest import tiny_backbone
+
+    pretrained = tiny_backbone(IMAGE_SHAPE)
+    pretrained.save_weights(tmp_path / "tiny.weights.h5")
+    config = tiny_config(tmp_path, data_dir, backbone="conftest:tiny_backbone", num_classes=4,
+                         init_backbone=str(tmp_path / "tiny.weights.h5"), backbone_lr_multiplier=0.1,
+                         attention_optimizer="adam")
+    trainer = train.build_model(config)
+    for loaded, saved in zip(trainer.backbone.weights, pretrained.weights):
+        np.testing.assert_array_equal(loaded.numpy(), saved.numpy())
+    groups = {id(optimizer): (optimizer, variables) for optimizer, variables in trainer.optimizer_groups()}
+    backbone_optimizer, backbone_variables = groups[id(trainer.backbone_optimizer)]
+    assert {id(v) for v in backbone_variables} == {id(v) for v in trainer.backbone.trainable_variables}
+    assert float(backbone_optimizer.learning_rate) == pytest.approx(0.1 * float(trainer.optimizer.learning_rate))
+
+    frozen = train.build_model(dataclasses.replace(config, freeze_backbone=True, backbone_lr_multiplier=1.0))
+    trained = {id(v) for _, variables in frozen.optimizer_groups() for v in variables}
+    assert not trained & {id(v) for v in frozen.backbone.weights}
+    assert trained  # the grid head, attention and margin head still train
+
+
+def test_init_backbone_from_the_onnx_teacher(tmp_path, data_dir, shared_dir):
+    config = tiny_config(tmp_path, data_dir, image_size=112,
+                         init_backbone="onnx:" + str(shared_dir / "models" / "teacher_mobilefacenet.onnx"))
+    config.validate()
+    backbone = train.build_backbone(config)
+    assert tuple(backbone.output_shape[1:]) == (7, 7, 512)

@@ -622,7 +622,14 @@ def train(config):
     run.close()
     if chief:
         export(config)
+    _wait_for_all_workers(strategy)
     return history
+
+
+def _wait_for_all_workers(strategy):
+    """A last all-reduce, so that no worker exits while another still works: the chief hosts
+    MultiWorkerMirroredStrategy's coordination service, whose loss aborts the others."""
+    tf.function(lambda: strategy.reduce("SUM", strategy.run(lambda: tf.constant(1.0)), axis=None))()
 
 
 def _trainer_checkpoint_items(trainer):
