@@ -388,8 +388,11 @@ def format_table(results):
     verification = results["verification"]
     lines.append(f"{'10-fold accuracy':34}" + "".join(
         f"{100 * verification[n]['accuracy']:>19.2f} ± {100 * verification[n]['accuracy_std']:4.2f} %" for n in names))
-    for key in far_keys:
-        lines.append(f"{'TAR @ FAR=' + key:34}" + "".join(
+    different = results["pairs"] - results["same_pairs"]
+    for far, key in zip(FARS, far_keys):
+        # How coarse the estimate is: the false accepts this many different-person pairs allow.
+        label = f"TAR @ FAR={key} ({int(far * different + 1e-9)} of {different} FA)"
+        lines.append(f"{label:34}" + "".join(
             f"{100 * verification[n]['tar_at_far'][key]['tar']:>25.2f} %" for n in names))
     for kind, row in results["occlusion"].items():
         lines.append(f"{'occluded (' + kind + ') accuracy':34}" + "".join(
