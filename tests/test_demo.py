@@ -283,10 +283,15 @@ def test_page_compares_two_photos_and_shows_errors(demo_server, browser, shared_
     _expect_message(page, "photo B (broken.jpg)", "not a decodable image")
     assert "score" not in page.locator("#summary").inner_text()
 
-    # A photo without a face.
+    # A photo without a face (upside down: YuNet finds none).
     _upload(page, "b", no_face)
     page.locator("#compare").click()
     _expect_message(page, "photo B (064588.jpg)", "No face found")
+    # A file over the size limit: Gradio refuses the upload itself (launch's max_file_size).
+    too_large = tmp_path / "too_large.png"
+    too_large.write_bytes(b"\0" * (demo.MAX_UPLOAD_MB * demo.MB + 1))
+    page.locator("#photo_a input[type=file]").set_input_files(str(too_large))
+    _expect_message(page, "too_large.png", "exceed the maximum allowed size")
     page.screenshot(path=str(tmp_path / "demo_page_error.png"), full_page=True)
     assert outside_requests == [], f"the page reached beyond loopback: {outside_requests}"
     # The server side: Gradio's HTTP client (httpx) logs every request it makes.
