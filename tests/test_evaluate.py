@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -194,13 +195,17 @@ def _run_evaluate(*args):
                           capture_output=True, text=True, timeout=600, env=env)
 
 
-def test_cli_on_pair_shards(tmp_path, tmp_path_factory):
-    exported = tiny_verifiers.exported_tiny_model(tmp_path_factory)
-    _write_pair_shards(tmp_path / "shards", _synthetic_pairs())
-    run = _run_evaluate("--model", exported, "--pairs", tmp_path / "shards",
-                        "--out_dir", tmp_path / "out", "--deletion_pairs", 2)
-    assert run.returncode == 0, run.stderr
-    assert "10-fold accuracy" in run.stdout and "teacher cosine" in run.stdout
+def test_main_on_pair_shards(tmp_path, tmp_path_factory, capsys):
+    """The tool's `main` with real flags' values on an exported SavedModel (in this process:
+    the subprocess test below covers `python -m`)."""
+    values = {"model": str(tiny_verifiers.exported_tiny_model(tmp_path_factory)), "format": "saved_model",
+              "pairs": str(tmp_path / "shards"), "teacher": None, "out_dir": str(tmp_path / "out"), "max_pairs": None,
+              "deletion_pairs": 2, "seed": 0, "detector": evaluate.DEFAULT_DETECTOR}
+    _write_pair_shards(values["pairs"], _synthetic_pairs())
+    args = types.SimpleNamespace(**{name: types.SimpleNamespace(value=value) for name, value in values.items()})
+    evaluate.main(["evaluate"], args)
+    printed = capsys.readouterr().out
+    assert "10-fold accuracy" in printed and "teacher cosine" in printed
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["pairs"] == 40 and results["model"]["format"] == "saved_model"
     assert {"roc.png", "deletion.png", "occluders.png"} <= set(os.listdir(tmp_path / "out"))
