@@ -128,6 +128,34 @@ def test_missing_photo_is_named(tmp_path):
         demo.compare_uploads(None, {"path": "b.jpg"}, runtime_model=None, aligner=None, max_bytes=demo.MB)
 
 
+def _run_demo_cli(*flag_args, cwd):
+    python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-m", "xcos_tf.demo", *flag_args], cwd=cwd, capture_output=True, text=True,
+        timeout=120, env=dict(os.environ, PYTHONPATH=python_path, TMPDIR=str(cwd)),
+    )
+
+
+@pytest.mark.parametrize(
+    "detector_bytes, message",
+    [(None, "--detector: Face detector model not found"), (b"not onnx", "--detector: OpenCV")],
+)
+def test_cli_bad_detector_exits_2_naming_the_flag(tmp_path, detector_bytes, message):
+    detector = tmp_path / "yunet.onnx"
+    if detector_bytes is not None:
+        detector.write_bytes(detector_bytes)
+    result = _run_demo_cli("--model", str(tmp_path), "--detector", str(detector), cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert not any(path.name.startswith("xcos_demo_") for path in tmp_path.iterdir())  # its folder is gone
+
+
+def test_cli_folder_without_export_exits_2_naming_the_flag(shared_dir, tmp_path):
+    detector = shared_dir / "models" / "yunet.onnx"
+    result = _run_demo_cli("--model", str(tmp_path), "--detector", str(detector), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"--model {tmp_path} --format saved_model: No manifest.json" in result.stderr, result.stderr[-2000:]
+
+
 # === End to end: server process + headless Chromium ===
 
 

@@ -15,11 +15,13 @@ What the page accepts and where things go:
   libraries keep their usual per-user caches, e.g. Matplotlib's font list).
 - Network: served on loopback by default; no share link, no analytics, no server-side rendering.
 """
+import importlib.util
 import os
 import shutil
 import signal
 import sys
 import tempfile
+import types
 
 import cv2
 import PIL.Image  # a matplotlib dependency: reads an image's size from its header alone
@@ -37,20 +39,6 @@ MAX_MEGAPIXELS = 50  # a small compressed file can hold a huge image: refused be
 # 900 px: 0.72), and detection time grows with the pixel count. The 112x112 crop loses nothing.
 DETECTION_MAX_SIDE = 640
 TITLE = "xCos: explainable face verification"
-
-_MODEL = flags.DEFINE_string("model", None, "Exported model folder (`python -m xcos_tf.export`).")
-_FORMAT = flags.DEFINE_enum(
-    "format", "saved_model", runtime.FORMATS, "Which of the exported formats serves the page."
-)
-_DETECTOR = flags.DEFINE_string("detector", explain.DEFAULT_DETECTOR, "YuNet face detector ONNX file.")
-_HOST = flags.DEFINE_string(
-    "host", "127.0.0.1", "Address to listen on (0.0.0.0 exposes the page to the network)."
-)
-_PORT = flags.DEFINE_integer("port", 7860, "Port to listen on.", lower_bound=1, upper_bound=65535)
-_MAX_UPLOAD_MB = flags.DEFINE_integer(
-    "max_upload_mb", MAX_UPLOAD_MB, "Largest accepted photo, in MB.", lower_bound=1
-)
-
 
 class UploadError(ValueError):
     """An uploaded photo that the demo refuses: wrong type, too large, unreadable, or no face."""
@@ -191,7 +179,31 @@ def _model_label(runtime_model, model_dir, model_format):
     return f"Model: `{model_dir}` ({model_format}, {calibrated})."
 
 
-def main(argv):
+def define_flags():
+    """The command-line flags, defined only when this module runs as the script (as in explain,
+    export and evaluate): importing the module registers nothing."""
+    return types.SimpleNamespace(
+        model=flags.DEFINE_string("model", None, "Exported model folder (`python -m xcos_tf.export`)."),
+        format=flags.DEFINE_enum(
+            "format", "saved_model", runtime.FORMATS, "Which of the exported formats serves the page."
+        ),
+        detector=flags.DEFINE_string("detector", explain.DEFAULT_DETECTOR, "YuNet face detector ONNX file."),
+        host=flags.DEFINE_string(
+            "host", "127.0.0.1", "Address to listen on (0.0.0.0 exposes the page to the network)."
+        ),
+        port=flags.DEFINE_integer("port", 7860, "Port to listen on.", lower_bound=1, upper_bound=65535),
+        max_upload_mb=flags.DEFINE_integer(
+            "max_upload_mb", MAX_UPLOAD_MB, "Largest accepted photo, in MB.", lower_bound=1
+        ),
+    )
+
+
+def _fail(flags_given, problem):
+    print(f"xcos_tf.demo: {flags_given}: {problem}", file=sys.stderr)
+    sys.exit(explain.EXIT_BAD_INPUT)
+
+
+def main(argv, args):
     del argv
     upload_dir = tempfile.mkdtemp(prefix="xcos_demo_")
     # Set before gradio is imported: some of its modules read these at import time.
@@ -200,30 +212,28 @@ def main(argv):
     # SIGTERM (kill, a test's finaliser, systemd) stops the server like Ctrl-C, so the folder goes.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        try:
-            import gradio  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("gradio") is None:  # imported later, by build_demo
             sys.exit('xcos_tf.demo needs Gradio: pip install "xcos_tf[demo]"')
         try:
-            aligner = align.FaceAligner(_DETECTOR.value, choose="largest")  # cheap: checked first
-            runtime_model = runtime.load(_MODEL.value, format=_FORMAT.value)
+            aligner = align.FaceAligner(args.detector.value, choose="largest")  # cheap: checked first
+        except (OSError, ValueError, cv2.error) as err:  # cv2.error: not an ONNX file OpenCV can parse
+            _fail("--detector", str(err).strip())
+        try:
+            runtime_model = runtime.load(args.model.value, format=args.format.value)
         except (OSError, ValueError) as err:
-            print(f"xcos_tf.demo: {err}", file=sys.stderr)
-            sys.exit(explain.EXIT_BAD_INPUT)
+            _fail(f"--model {args.model.value} --format {args.format.value}", err)
         demo = build_demo(
-            runtime_model, aligner, max_bytes=_MAX_UPLOAD_MB.value * MB,
-            model_label=_model_label(runtime_model, _MODEL.value, _FORMAT.value),
+            runtime_model, aligner, max_bytes=args.max_upload_mb.value * MB,
+            model_label=_model_label(runtime_model, args.model.value, args.format.value),
         )
         try:
             demo.launch(
-                server_name=_HOST.value, server_port=_PORT.value, share=False,
-                max_file_size=_MAX_UPLOAD_MB.value * MB, ssr_mode=False, mcp_server=False,
+                server_name=args.host.value, server_port=args.port.value, share=False,
+                max_file_size=args.max_upload_mb.value * MB, ssr_mode=False, mcp_server=False,
                 show_error=False, inbrowser=False,
             )
         except OSError as err:  # port taken, address not local
-            print(f"xcos_tf.demo: cannot serve on --host {_HOST.value} --port {_PORT.value}: {err}",
-                  file=sys.stderr)
-            sys.exit(explain.EXIT_BAD_INPUT)
+            _fail(f"--host {args.host.value} --port {args.port.value}", f"cannot serve: {err}")
     except KeyboardInterrupt:
         pass
     finally:
@@ -231,5 +241,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _ARGS = define_flags()
     flags.mark_flag_as_required("model")
-    app.run(main)
+    app.run(lambda argv: main(argv, _ARGS))
