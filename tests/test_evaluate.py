@@ -72,7 +72,7 @@ def test_curve_area():
 @pytest.fixture(scope="module")
 def patch_uniform():
     """Cells that see only their own patch, uniform attention: score = mean of the cos map."""
-    return tiny_verifiers.tiny_runtime(tiny_verifiers.patch_backbone(), attention="uniform")
+    return tiny_verifiers.patch_runtime("uniform")
 
 
 def test_deletion_follows_theory_with_uniform_attention(patch_uniform):
@@ -130,7 +130,7 @@ def _synthetic_pairs(count=40):
 
 
 def test_evaluate_pairs_reports_every_measure(tmp_path):
-    runtime = tiny_verifiers.tiny_runtime(tiny_verifiers.conv_backbone())
+    runtime = tiny_verifiers.learned_runtime()
     pairs = _synthetic_pairs()
     results = evaluate.evaluate_pairs(runtime, pairs, deletion_pairs=3)
     assert set(results["verification"]) == {"xcos", "cosine", "teacher"}  # teacher from the pairs
@@ -226,7 +226,7 @@ def test_real_lfw_pairs_with_the_teacher(shared_dir, tmp_path):
     pairs = evaluate.load_lfw(shared_dir / "data" / "lfw", aligner, max_pairs=60)
     assert len(pairs) == 60 and len(np.unique(pairs.folds)) == 10 and pairs.is_same.sum() == 30
     teacher = Teacher(shared_dir / "models" / "teacher_mobilefacenet.onnx")
-    runtime = tiny_verifiers.tiny_runtime(tiny_verifiers.conv_backbone())
+    runtime = tiny_verifiers.learned_runtime()
     results = evaluate.evaluate_pairs(runtime, pairs, teacher=teacher, deletion_pairs=2)
     # The teacher is a real face model: on LFW it is far above chance even on 60 pairs.
     assert results["verification"]["teacher"]["accuracy"] > 0.85

@@ -83,7 +83,7 @@ def test_decide():
 
 @pytest.fixture(scope="module")
 def tiny_runtime():
-    return tiny_verifiers.tiny_runtime(tiny_verifiers.conv_backbone(), threshold=0.3)
+    return tiny_verifiers.learned_runtime(threshold=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +181,7 @@ def test_wrong_number_of_photos_exits_2(capsys, tmp_path):
 def test_without_a_threshold_only_the_score_is_printed(shared_dir, capsys, monkeypatch, tmp_path):
     from xcos_tf import runtime
 
-    undecided = tiny_verifiers.tiny_runtime(tiny_verifiers.conv_backbone(), threshold=None)
+    undecided = tiny_verifiers.learned_runtime(threshold=None)
     monkeypatch.setattr(runtime, "load", lambda model_dir, format: undecided)
     out = tmp_path / "pair.png"
     code, printed, err = _main(capsys, _wild(shared_dir, "one_face"), _wild(shared_dir, "one_face", 1),

@@ -1,11 +1,13 @@
 """Tiny in-memory verifiers with the runtime's interface, for the explain and evaluate tests.
 
+The learned-attention model is the export tests' `export_testing.tiny_trainer`.
+
 `KerasRuntime` gives a `xcos_tf.model.Verifier` the interface of `xcos_tf.runtime.load(...)`
 (numpy in and out, `threshold`, `manifest`), so the tools can be tested without an export.
 """
 import keras
 import numpy as np
-from conftest import tiny_backbone
+import export_testing
 
 from xcos_tf import model
 
@@ -17,12 +19,6 @@ def patch_backbone(channels=16):
     x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0)(image)
     x = keras.layers.Conv2D(channels, 16, strides=16, use_bias=False, name="patch")(x)
     return keras.Model(image, x, name="patch_backbone")
-
-
-def conv_backbone():
-    """A few convs, 112x112 -> 7x7x16 (cells with overlapping receptive fields)."""
-    inner = tiny_backbone((112, 112, 3), channels=16)
-    return keras.Model(inner.input, keras.layers.AveragePooling2D(2)(inner.output), name="conv_backbone")
 
 
 class KerasRuntime:
@@ -48,10 +44,16 @@ class KerasRuntime:
         return self._numpy(self._verifier.compare({"grid_a": grid_a, "grid_b": grid_b}))
 
 
-def tiny_runtime(backbone, attention="learned", threshold=None):
+def patch_runtime(attention="uniform"):
+    """`patch_backbone` + grid head + XCosLayer with this attention, as a runtime."""
     keras.utils.set_random_seed(0)
-    trainer = model.build_trainer(backbone, num_classes=4, attention=attention)
-    return KerasRuntime(model.build_verifier(trainer), threshold=threshold)
+    trainer = model.build_trainer(patch_backbone(), num_classes=4, attention=attention)
+    return KerasRuntime(model.build_verifier(trainer))
+
+
+def learned_runtime(threshold=None):
+    """The export tests' tiny trainer (learned attention, far from uniform) as a runtime."""
+    return KerasRuntime(model.build_verifier(export_testing.tiny_trainer()), threshold=threshold)
 
 
 def smooth_faces(count, seed=0):
@@ -72,8 +74,7 @@ def exported_tiny_model(tmp_path_factory):
     if "tiny" not in _EXPORTED:
         from xcos_tf import export
 
-        keras.utils.set_random_seed(0)
-        trainer = model.build_trainer(conv_backbone(), num_classes=4)
+        trainer = export_testing.tiny_trainer()
         out_dir = tmp_path_factory.mktemp("exported") / "tiny"
         export.export_model(trainer, out_dir, formats=["saved_model"], threshold=0.3, far=1e-3)
         _EXPORTED["tiny"] = out_dir
