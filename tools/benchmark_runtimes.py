@@ -1,6 +1,6 @@
 """Pairs per second of every xCos runtime on this CPU, and the size of each exported file.
 
-    python tools/benchmark_runtimes.py [--backbone mobilefacenet] [--batch_sizes 1,16] [--seconds 5]
+    python tools/benchmark_runtimes.py [--backbone mobilefacenet] [--batch_sizes 1,16] [--threads 1]
 
 Builds a verifier on the chosen backbone with RANDOM weights (speed does not depend on the
 weights), exports it with `xcos_tf.export` (int8 calibrated on real aligned faces from
@@ -23,7 +23,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 _BACKBONE = flags.DEFINE_string("backbone", "mobilefacenet", "Backbone name (xcos_tf.backbones.get).")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "16"], "Pairs per call to time.")
-_SECONDS = flags.DEFINE_float("seconds", 5.0, "Timed seconds per runtime and batch size (after warm-up).")
+_SECONDS = flags.DEFINE_float("seconds", 3.0, "Timed seconds per runtime, batch size and repeat (after warm-up).")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Round-robin repeats; the best pairs/s of each cell is reported.")
 _THREADS = flags.DEFINE_integer("threads", os.cpu_count(), "CPU threads for TFLite and onnxruntime.")
 _CALIBRATION_DIR = flags.DEFINE_string(
     "calibration_dir", str(REPO_ROOT.parent / "shared" / "data" / "glint_sample" / "images"),
@@ -103,10 +104,18 @@ def main(argv):
             rows.append((model_format, model.verify, files[0], size_note))
 
         reference = keras_verify(faces_a, faces_b)["score"]
+        # Round-robin repeats, best kept: on a shared machine the other processes' load comes
+        # and goes, and each runtime then gets its share of the quieter moments.
+        best = {(label, size): 0.0 for label, *_ in rows for size in batch_sizes}
+        for _ in range(_REPEATS.value):
+            for label, verify, *_ in rows:
+                for size in batch_sizes:
+                    speed = pairs_per_second(verify, faces_a, faces_b, size, _SECONDS.value)
+                    best[label, size] = max(best[label, size], speed)
         results = []
         for label, verify, path, size_note in rows:
-            speeds = [pairs_per_second(verify, faces_a, faces_b, size, _SECONDS.value) for size in batch_sizes]
             error = float(np.abs(verify(faces_a, faces_b)["score"] - reference).max())
+            speeds = [best[label, size] for size in batch_sizes]
             results.append((label, speeds, folder_bytes(path) / 1e6, size_note, error))
 
     print(f"Machine: {cpu_name()}, {os.cpu_count()} logical CPUs, {platform.platform()}")
@@ -117,7 +126,7 @@ def main(argv):
         f"Model: {_BACKBONE.value} + 7x7x32 grid + xCos head, random weights "
         f"({manifest['model']['parameters']:,} parameters); "
         + ("export reused from --out; " if _REUSE.value else f"export of all formats took {export_seconds:.0f} s; ")
-        + f"TFLite/onnxruntime threads: {_THREADS.value}; {pair_count} real face pairs, {_SECONDS.value:g} s per cell."
+        + f"TFLite/onnxruntime threads: {_THREADS.value}; {pair_count} real face pairs, best of {_REPEATS.value} x {_SECONDS.value:g} s per cell."
     )
     print()
     header = " | ".join(f"pairs/s @ batch {size}" for size in batch_sizes)

@@ -26,6 +26,7 @@ import datetime
 import glob
 import importlib.metadata
 import json
+import logging as python_logging
 import os
 import platform
 import re
@@ -550,7 +551,9 @@ def main(argv, args):
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     values = {key: holder.value for key, holder in args.items()}
     # TensorFlow's own INFO lines (signature renames, saver timings) drown the export's progress.
-    tf.get_logger().setLevel("WARNING")
+    logging.get_absl_handler().addFilter(
+        lambda record: record.levelno > python_logging.INFO or record.pathname == os.path.abspath(__file__)
+    )
     try:
         calibration = None
         if values["calibration_dir"]:
