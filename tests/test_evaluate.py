@@ -195,10 +195,13 @@ def _run_evaluate(*args):
                           capture_output=True, text=True, timeout=600, env=env)
 
 
-def test_main_on_pair_shards(tmp_path, tmp_path_factory, capsys):
+def test_main_on_pair_shards(tmp_path, tmp_path_factory, shared_dir, capsys):
     """The tool's `main` with real flags' values on an exported SavedModel (in this process:
     the subprocess test below covers `python -m`)."""
-    values = {"model": str(tiny_verifiers.exported_tiny_model(tmp_path_factory)), "format": "saved_model",
+    import export_testing
+
+    exported = export_testing.exported_model(tmp_path_factory, shared_dir)  # shared with test_export
+    values = {"model": str(exported.dir), "format": "saved_model",
               "pairs": str(tmp_path / "shards"), "teacher": None, "out_dir": str(tmp_path / "out"), "max_pairs": None,
               "deletion_pairs": 2, "seed": 0, "detector": evaluate.DEFAULT_DETECTOR}
     _write_pair_shards(values["pairs"], _synthetic_pairs())

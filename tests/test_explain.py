@@ -193,19 +193,28 @@ def test_without_a_threshold_only_the_score_is_printed(shared_dir, capsys, monke
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    return tiny_verifiers.exported_tiny_model(tmp_path_factory)
+def exported(tmp_path_factory, shared_dir):
+    import export_testing
+
+    return export_testing.exported_model(tmp_path_factory, shared_dir)  # one export, shared with test_export
 
 
-def test_cli_end_to_end(shared_dir, exported, tmp_path):
+@pytest.mark.parametrize("model_format", ["tflite", "onnx"])
+def test_cli_end_to_end_without_tensorflow(shared_dir, exported, tmp_path, model_format):
+    """`python -m xcos_tf.explain` on a TFLite or ONNX export never imports TensorFlow."""
     photo_a, photo_b = _wild(shared_dir, "several_faces"), _wild(shared_dir, "one_face")
     out = tmp_path / "pair.png"
-    run = _run_explain(photo_a, photo_b, "--model", exported, "--out", out, "--json")
+    argv = ["explain", str(photo_a), str(photo_b), "--model", str(exported.dir), "--format", model_format,
+            "--out", str(out), "--json"]
+    blocked = ("import runpy, sys; sys.modules['tensorflow'] = None; "  # any TensorFlow import fails
+               f"sys.argv = {argv!r}; runpy.run_module('xcos_tf.explain', run_name='__main__')")
+    run = subprocess.run([sys.executable, "-c", blocked], cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr
     printed = json.loads(run.stdout)
     assert set(printed) == {"score", "decision", "threshold", "cos_map", "attention_map", "notes"}
-    assert printed["threshold"] == pytest.approx(0.3)
-    assert printed["decision"] == explain.decide(printed["score"], 0.3)
+    threshold = exported.manifest["threshold"]
+    assert printed["threshold"] == pytest.approx(threshold)
+    assert printed["decision"] == explain.decide(printed["score"], threshold)
     assert np.shape(printed["cos_map"]) == np.shape(printed["attention_map"]) == (7, 7)
     assert "faces found" in run.stderr and "using the largest" in run.stderr  # said on stderr
     assert align.read_image(out).shape == (760, 1300, 3)

@@ -64,18 +64,3 @@ def smooth_faces(count, seed=0):
     coarse = rng.integers(0, 256, size=(count, 7, 7, 3), dtype=np.uint8)
     return np.stack([cv2.resize(c, (112, 112), interpolation=cv2.INTER_LINEAR) for c in coarse])
 
-
-_EXPORTED = {}
-
-
-def exported_tiny_model(tmp_path_factory):
-    """A tiny model exported as a SavedModel with threshold 0.3, once per test session
-    (`tmp_path_factory` is session-wide, so the explain and evaluate tests share it)."""
-    if "tiny" not in _EXPORTED:
-        from xcos_tf import export
-
-        trainer = export_testing.tiny_trainer()
-        out_dir = tmp_path_factory.mktemp("exported") / "tiny"
-        export.export_model(trainer, out_dir, formats=["saved_model"], threshold=0.3, far=1e-3)
-        _EXPORTED["tiny"] = out_dir
-    return _EXPORTED["tiny"]
