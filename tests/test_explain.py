@@ -92,6 +92,8 @@ def aligner(shared_dir):
 
 
 def _wild(shared_dir, group, index=0):
+    # NB: the first "no_face_found_by_yunet" photo (008482.jpg, 800 px) does have a face that
+    # YuNet finds once the photo is scaled to DETECTION_MAX_SIDE; the second has none.
     with open(shared_dir / "data" / "wild" / "index.json") as f:
         return shared_dir / "data" / "wild" / json.load(f)[group][index]
 
@@ -114,8 +116,21 @@ def test_explain_photos_on_raw_photos_and_crops(shared_dir, tiny_runtime, aligne
     np.testing.assert_allclose(np.sum(restored["attention_map"]), 1.0, atol=1e-4)
 
 
+def test_a_face_filling_a_large_photo_is_found_and_aligned_at_full_resolution(shared_dir, aligner):
+    import cv2
+
+    close_up = align.read_image(shared_dir / "data" / "lfw" / "images" / "Aaron_Peirsol" / "Aaron_Peirsol_0001.jpg")
+    with pytest.raises(align.NoFaceError):  # what YuNet does with the full 1600 px photo
+        aligner.align(cv2.resize(close_up, (1600, 1600), interpolation=cv2.INTER_CUBIC))
+    large = {side: explain.align_photo(cv2.resize(close_up, (side, side), interpolation=cv2.INTER_CUBIC), "A", aligner)
+             for side in (640, 1600)}
+    assert large[1600][1] is None
+    # Detected in the same 640 px copy, but cut from the sharper original.
+    assert np.abs(large[1600][0].astype(int) - large[640][0]).mean() < 3
+
+
 def test_explain_photos_names_the_photo_without_a_face(shared_dir, tiny_runtime, aligner):
-    no_face = _wild(shared_dir, "no_face_found_by_yunet")
+    no_face = _wild(shared_dir, "no_face_found_by_yunet", 1)
     with pytest.raises(align.NoFaceError, match=str(no_face)):
         explain.explain_photos(_wild(shared_dir, "one_face"), no_face, tiny_runtime, aligner)
 
@@ -168,7 +183,7 @@ def test_bad_photo_exits_2_with_a_message(bad_photos, capsys, kind, message):
 
 
 def test_photo_without_a_face_exits_2(shared_dir, capsys):
-    no_face = _wild(shared_dir, "no_face_found_by_yunet")
+    no_face = _wild(shared_dir, "no_face_found_by_yunet", 1)
     code, _, err = _main(capsys, _wild(shared_dir, "one_face"), no_face)
     assert code == 2 and "No face found" in err and str(no_face) in err
 
