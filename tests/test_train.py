@@ -138,7 +138,7 @@ def test_kill_and_resume_continues_from_the_saved_step(tmp_path):
     model_dir = tmp_path / "run"
     command = [
         "-m", "xcos_tf.train", "--data=synthetic", "--num_classes=4", f"--backbone={TINY_BACKBONE}",
-        f"--image_size={IMAGE_SHAPE[0]}", "--batch_size=4", "--train_steps=300", "--checkpoint_every=10",
+        f"--image_size={IMAGE_SHAPE[0]}", "--batch_size=4", "--train_steps=150", "--checkpoint_every=10",
         "--log_every=10", "--export_formats=", f"--model_dir={model_dir}",
     ]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO_ROOT))
@@ -155,19 +155,19 @@ def test_kill_and_resume_continues_from_the_saved_step(tmp_path):
         first.kill()
         first.wait()
     saved_step, _ = _checkpoint_counters(model_dir)
-    assert 20 <= saved_step < 300
+    assert 20 <= saved_step < 150
 
     second = _run_python(command)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"Resuming at step {saved_step}" in second.stderr
     step, iterations = _checkpoint_counters(model_dir)
     # Every optimizer applied exactly one update per step: no step ran twice or was lost.
-    assert step == 300 and iterations and all(i == 300 for i in iterations)
+    assert step == 150 and iterations and all(i == 150 for i in iterations)
 
     third = _run_python(command)
     assert third.returncode == 0, third.stderr[-3000:]
     assert "is finished" in third.stderr
-    assert _checkpoint_counters(model_dir)[0] == 300
+    assert _checkpoint_counters(model_dir)[0] == 150
 
 
 def test_flag_errors_name_the_flag(tmp_path):

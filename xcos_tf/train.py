@@ -280,9 +280,10 @@ class TrainConfig:
         for name, value in (("batch_size", self.batch_size), ("train_steps", self.train_steps)):
             if value < 1:
                 raise ConfigError(name, f"must be >= 1. Received: {value}")
-        unknown_formats = set(self.export_formats) - set(_export_formats())
-        if _export_formats() and unknown_formats:
-            raise ConfigError("export_formats", f"unknown {sorted(unknown_formats)}; valid: {', '.join(_export_formats())}")
+        known_formats = _export_formats()
+        unknown_formats = set(self.export_formats) - set(known_formats)
+        if known_formats and unknown_formats:
+            raise ConfigError("export_formats", f"unknown {sorted(unknown_formats)}; valid: {', '.join(known_formats)}")
 
 
 class ConfigError(ValueError):
@@ -302,8 +303,8 @@ def resolve_data(config):
             raise ConfigError("eval_pairs", f"hold too few pairs for 10-fold accuracy: {num_pairs} (--eval_max_pairs={config.eval_max_pairs})")
     if config.data == "shards":
         scan = _scan("train_shards", config.train_shards, "faces", num_classes=config.num_classes or None)
-        if scan.teacher_dim == 0 and not config.teacher:
-            raise ConfigError("train_shards", "hold no teacher embeddings: re-create them with a teacher, or pass --teacher")
+        if scan.teacher_dim == 0:
+            raise ConfigError("train_shards", "hold no teacher embeddings: re-create them with make_shards --teacher=PATH")
         return dataclasses.replace(config, num_classes=scan.num_classes)
     return config
 
@@ -629,7 +630,12 @@ def train(config):
 def _wait_for_all_workers(strategy):
     """A last all-reduce, so that no worker exits while another still works: the chief hosts
     MultiWorkerMirroredStrategy's coordination service, whose loss aborts the others."""
-    tf.function(lambda: strategy.reduce("SUM", strategy.run(lambda: tf.constant(1.0)), axis=None))()
+
+    @tf.function(autograph=False)
+    def all_reduce_one():
+        return strategy.reduce("SUM", strategy.run(tf.constant, args=(1.0,)), axis=None)
+
+    all_reduce_one()
 
 
 def _trainer_checkpoint_items(trainer):
