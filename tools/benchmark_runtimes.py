@@ -3,7 +3,7 @@
     python tools/benchmark_runtimes.py [--backbone mobilefacenet] [--batch_sizes 1,16] [--threads 1]
 
 Builds a verifier on the chosen backbone with RANDOM weights (speed does not depend on the
-weights), exports it with `xcos_tf.export` (int8 calibrated on real aligned faces from
+weights; --weights times a trained model instead), exports it with `xcos_tf.export` (int8 calibrated on real aligned faces from
 --calibration_dir), then times `verify` on real face pairs in Keras (`predict_on_batch`),
 the SavedModel, TFLite float32 / float16 / int8 (ai-edge-litert) and onnxruntime. Also
 prints each runtime's largest score difference to Keras on those pairs. Prints the machine,
@@ -21,7 +21,8 @@ from absl import app, flags
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-_BACKBONE = flags.DEFINE_string("backbone", "mobilefacenet", "Backbone name (xcos_tf.backbones.get).")
+_BACKBONE = flags.DEFINE_string("backbone", "mobilefacenet", "Backbone of the random-weight model (xcos_tf.backbones.get).")
+_WEIGHTS = flags.DEFINE_string("weights", None, "Time this trained model (.keras or run folder) instead of a random one.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "16"], "Pairs per call to time.")
 _SECONDS = flags.DEFINE_float("seconds", 3.0, "Timed seconds per runtime, batch size and repeat (after warm-up).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Round-robin repeats; the best pairs/s of each cell is reported.")
@@ -70,9 +71,13 @@ def main(argv):
     from xcos_tf import model as xcos_model
 
     batch_sizes = [int(size) for size in _BATCH_SIZES.value]
-    keras.utils.set_random_seed(0)
-    trainer = xcos_model.build_trainer(backbones.get(_BACKBONE.value), num_classes=1000)
-    verifier = xcos_model.build_verifier(trainer)
+    if _WEIGHTS.value:
+        verifier, model_label = export.resolve_verifier(_WEIGHTS.value), f"{_WEIGHTS.value} (given weights)"
+    else:
+        keras.utils.set_random_seed(0)
+        trainer = xcos_model.build_trainer(backbones.get(_BACKBONE.value), num_classes=1000)
+        verifier = xcos_model.build_verifier(trainer)
+        model_label = f"{_BACKBONE.value} + 7x7x32 grid + xCos head, random weights"
     faces = export.load_faces(_CALIBRATION_DIR.value, _CALIBRATION_SIZE.value)
     pair_count = max(batch_sizes)
     faces_a, faces_b = faces[:pair_count].astype(np.float32), faces[-pair_count:].astype(np.float32)
@@ -123,8 +128,7 @@ def main(argv):
     versions = manifest["versions"]
     print("Versions: " + ", ".join(f"{name} {version}" for name, version in versions.items()))
     print(
-        f"Model: {_BACKBONE.value} + 7x7x32 grid + xCos head, random weights "
-        f"({manifest['model']['parameters']:,} parameters); "
+        f"Model: {model_label} ({manifest['model']['parameters']:,} parameters); "
         + ("export reused from --out; " if _REUSE.value else f"export of all formats took {export_seconds:.0f} s; ")
         + f"TFLite/onnxruntime threads: {_THREADS.value}; {pair_count} real face pairs, best of {_REPEATS.value} x {_SECONDS.value:g} s per cell."
     )
