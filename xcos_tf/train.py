@@ -60,7 +60,7 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", 112, "Side of the square aligne
 _EVAL_PAIRS = flags.DEFINE_list("eval_pairs", [], "Glob patterns of evaluation pair shards (none: no evaluation).")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 1000, "Evaluate every N steps (and at the end).", lower_bound=1)
 _EVAL_MAX_PAIRS = flags.DEFINE_integer(
-    "eval_max_pairs", 0, "Evaluate on at most this many pairs (0: all).", lower_bound=0
+    "eval_max_pairs", 0, "Evaluate on at most this many pairs, every k-th one (0: all).", lower_bound=0
 )
 _SHUFFLE_BUFFER = flags.DEFINE_integer("shuffle_buffer", 10000, "Faces in each shuffle buffer.", lower_bound=1)
 _STEPS_PER_EPOCH = flags.DEFINE_integer(
@@ -753,8 +753,11 @@ class _Evaluator:
         dataset = pipeline.eval_pair_dataset(
             list(config.eval_pairs), _EVAL_BATCH, image_shape=(config.image_size, config.image_size, 3)
         )
-        if config.eval_max_pairs:
-            dataset = dataset.unbatch().take(config.eval_max_pairs).batch(_EVAL_BATCH)
+        num_pairs = sum(pipeline.scan_shards(list(config.eval_pairs), "pairs").counts)
+        if config.eval_max_pairs and num_pairs > config.eval_max_pairs:
+            # Every k-th pair, not the first ones: pair files list folds (and same-person pairs) in blocks.
+            stride = -(-num_pairs // config.eval_max_pairs)
+            dataset = dataset.unbatch().shard(stride, 0).batch(_EVAL_BATCH)
         self.dataset = dataset
 
     def evaluate(self, trainer, step):
