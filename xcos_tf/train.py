@@ -608,14 +608,15 @@ def train(config):
                 progbar.update(current, [(name, value) for name, value in terms.items()] + [("lr", learning_rate)])
                 if current % config.log_every == 0 or current == config.train_steps:
                     _write_scalars(trainer, terms, current, global_batch_size * (current - start_step) * 2 / (time.time() - start_time))
-                if current % config.checkpoint_every == 0 or current == config.train_steps:
-                    checkpoints.save(current)
                 if evaluator and (current % config.eval_every == 0 or current == config.train_steps):
                     accuracy = evaluator.evaluate(trainer, current)
                     if accuracy > float(best_accuracy.numpy()):
                         best_accuracy.assign(accuracy)
                         run.save_model(trainer, BEST_MODEL)
                         logging.info("New best xCos accuracy %.4f at step %d: saved %s.", accuracy, current, BEST_MODEL)
+                # After the evaluation, so that the checkpoint holds the best accuracy so far.
+                if current % config.checkpoint_every == 0 or current == config.train_steps:
+                    checkpoints.save(current)
     run.save_model(trainer, FINAL_MODEL)
     run.summary_writer.flush()
     if not evaluator:
