@@ -21,7 +21,6 @@ import glob
 import importlib
 import json
 import os
-import shutil
 import sys
 import time
 
