@@ -485,6 +485,8 @@ def define_flags():
         out_dir=flags.DEFINE_string("out_dir", "evaluation", "Folder for results.json and the PNG curves."),
         max_pairs=flags.DEFINE_integer(
             "max_pairs", None, "Evaluate at most this many pairs, evenly spread over the folds.", lower_bound=20),
+        occluders=flags.DEFINE_list(
+            "occluders", list(OCCLUDERS), f"Occluders to measure, from {', '.join(OCCLUDERS)} (empty: none)."),
         deletion_pairs=flags.DEFINE_integer(
             "deletion_pairs", 100, "Same-person pairs for the deletion curves (0: skip).", lower_bound=0),
         seed=flags.DEFINE_integer("seed", 0, "Seed of the random squares and the random deletion order."),
@@ -495,6 +497,9 @@ def define_flags():
 def main(argv, args):
     if len(argv) > 1:
         exit_with_error(f"unexpected arguments {argv[1:]}; give the pairs with --pairs")
+    unknown = sorted(set(args.occluders.value) - set(OCCLUDERS))
+    if unknown:
+        exit_with_error(f"--occluders: unknown {unknown}; valid: {', '.join(OCCLUDERS)}")
     teacher = None
     if args.teacher.value:
         from xcos_tf.teacher import Teacher
@@ -511,8 +516,8 @@ def main(argv, args):
         model = runtime.load(args.model.value, format=args.format.value)
     except (OSError, ValueError) as err:
         exit_with_error(f"--model {args.model.value}: {err}")
-    results = evaluate_pairs(model, pairs, teacher=teacher, deletion_pairs=args.deletion_pairs.value,
-                             seed=args.seed.value)
+    results = evaluate_pairs(model, pairs, teacher=teacher, occluders=tuple(args.occluders.value),
+                             deletion_pairs=args.deletion_pairs.value, seed=args.seed.value)
     results["model"] = {"path": args.model.value, "format": args.format.value}
     if args.teacher.value:
         results["teacher_path"] = args.teacher.value
