@@ -229,23 +229,30 @@ def _locate(files, counts, flat_index):
 
 
 def _record_dataset(scan, input_context, shuffle, seed, deterministic):
-    """Serialized records of the scanned files (each cut to its readable part), sharded by file."""
-    files = tf.data.Dataset.from_tensor_slices(
-        (tf.constant(scan.files), tf.constant(scan.counts, tf.int64))
-    )
+    """Serialized records of the scanned files (each cut to its readable part), sharded by file.
+
+    With several input pipelines (workers), pipeline i reads files i, i + n, i + 2n, ... of the
+    sorted list: disjoint sets that cover every file (the effect of AutoShardPolicy.FILE, which
+    tf.distribute does not apply to `distribute_datasets_from_function`).
+    """
+    paths, counts = scan.files, scan.counts
     if input_context and input_context.num_input_pipelines > 1:
-        if len(scan.files) < input_context.num_input_pipelines:
+        num_pipelines, pipeline_id = input_context.num_input_pipelines, input_context.input_pipeline_id
+        if len(paths) < num_pipelines:
             raise ValueError(
-                f"{len(scan.files)} shard file(s) cannot be split by file over "
-                f"{input_context.num_input_pipelines} input pipelines; write smaller shards "
+                f"{len(paths)} shard file(s) cannot be split by file over "
+                f"{num_pipelines} input pipelines; write smaller shards "
                 "(make_shards --shard_mb)"
             )
-        files = files.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+        paths, counts = paths[pipeline_id::num_pipelines], counts[pipeline_id::num_pipelines]
+        logging.info("Input pipeline %d of %d reads %d of %d shard files: %s", pipeline_id, num_pipelines,
+                     len(paths), len(scan.files), ", ".join(paths))
+    files = tf.data.Dataset.from_tensor_slices((tf.constant(paths), tf.constant(counts, tf.int64)))
     if shuffle:
-        files = files.shuffle(len(scan.files), seed=seed, reshuffle_each_iteration=True)
+        files = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
     return files.interleave(
         lambda path, count: tf.data.TFRecordDataset(path).take(count),
-        cycle_length=min(len(scan.files), 8),
+        cycle_length=min(len(paths), 8),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=deterministic,
     )
