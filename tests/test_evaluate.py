@@ -203,7 +203,8 @@ def test_main_on_pair_shards(tmp_path, tmp_path_factory, shared_dir, capsys):
     exported = export_testing.exported_model(tmp_path_factory, shared_dir)  # shared with test_export
     values = {"model": str(exported.dir), "format": "saved_model",
               "pairs": str(tmp_path / "shards"), "teacher": None, "out_dir": str(tmp_path / "out"), "max_pairs": None,
-              "deletion_pairs": 2, "seed": 0, "detector": evaluate.DEFAULT_DETECTOR}
+              "deletion_pairs": 2, "seed": 0, "detector": evaluate.DEFAULT_DETECTOR,
+              "occluders": list(evaluate.OCCLUDERS)}
     _write_pair_shards(values["pairs"], _synthetic_pairs())
     args = types.SimpleNamespace(**{name: types.SimpleNamespace(value=value) for name, value in values.items()})
     evaluate.main(["evaluate"], args)
