@@ -95,12 +95,15 @@ def test_verifier_models_agree(trainer):
 
 def test_keras_file_round_trip_gives_identical_outputs(trainer, tmp_path):
     batch = random_batch(np.random.default_rng(4), size=2)
-    trainer.compile(optimizer="sgd")
+    trainer.compile(optimizer=keras.optimizers.SGD(0.01), attention_optimizer=keras.optimizers.Adam(1e-3))
     trainer.fit(batch, batch_size=2, epochs=1, verbose=0)  # move BN statistics off their defaults
     path = tmp_path / "trainer.keras"
     trainer.save(path)
     reloaded = keras.saving.load_model(path)
     assert isinstance(reloaded, model.XCosTrainer)
+    # Both optimizers come back as compiled, so a reloaded trainer can go on training.
+    assert isinstance(reloaded.optimizer, keras.optimizers.SGD)
+    assert isinstance(reloaded.attention_optimizer, keras.optimizers.Adam)
     expected, got = trainer(batch), reloaded(batch)
     for key in ("score", "cos_map", "attention_map", "logits", "embedding"):
         np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(expected[key]))

@@ -189,15 +189,17 @@ class XCosTrainer(keras.Model):
     def get_compile_config(self):
         config = super().get_compile_config()
         if config is not None and self.attention_optimizer is not None:
-            config["attention_optimizer"] = keras.optimizers.serialize(self.attention_optimizer)
+            config["attention_optimizer"] = keras.saving.serialize_keras_object(self.attention_optimizer)
         return config
 
     def compile_from_config(self, config):
-        config = dict(config)
-        attention_optimizer = config.pop("attention_optimizer", None)
-        super().compile_from_config(config)
-        if attention_optimizer is not None:
-            self.attention_optimizer = keras.optimizers.deserialize(attention_optimizer)
+        # Keras' own version skips models with a custom `compile`; this one restores both
+        # optimizers, so a reloaded .keras trainer can go on training as it was compiled.
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.built:
+            for optimizer, variables in self.optimizer_groups():
+                optimizer.build(variables)
 
     def get_config(self):
         config = super().get_config()
