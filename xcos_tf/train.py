@@ -22,6 +22,7 @@ import importlib
 import json
 import os
 import sys
+import tempfile
 import time
 
 import keras
@@ -546,10 +547,12 @@ def train(config):
     Raises `ConfigError` for bad values and for a model folder that holds another run.
     """
     config.validate()
-    config = resolve_data(config)
     if config.cpu_devices:
         configure_cpu_devices(config.cpu_devices)
+    # Before any TensorFlow op (reading the shards is one): MultiWorkerMirroredStrategy must
+    # configure the collective ops at program startup.
     strategy = make_strategy(config.strategy)
+    config = resolve_data(config)
     chief = is_chief(strategy)
     run = _RunFolder(config, chief)
     if run.finished():
@@ -661,8 +664,8 @@ def _learning_rate(optimizer):
 class _RunFolder:
     """The model folder of a run: params.json, checkpoints, logs, models.
 
-    Only the chief writes into it; other workers write the same files to a temporary folder
-    that is deleted (all workers must call save, MultiWorkerMirroredStrategy's pattern).
+    Only the chief writes into it; other workers write the same files to a local temporary
+    folder that is deleted (all workers must call save, MultiWorkerMirroredStrategy's pattern).
     """
 
     def __init__(self, config, chief):
@@ -680,11 +683,17 @@ class _RunFolder:
                     tf.io.gfile.remove(path)
         if tf.io.gfile.exists(params_path) and not config.overwrite:
             _check_same_run(TrainConfig.from_json(params_path), config, params_path)
-        self.write_dir = self.model_dir if chief else os.path.join(self.model_dir, f".worker_tmp_{os.getpid()}")
-        tf.io.gfile.makedirs(self.write_dir)
         if chief:
-            with tf.io.gfile.GFile(params_path, "w") as f:
+            self.write_dir = self.model_dir
+            tf.io.gfile.makedirs(self.model_dir)
+            # Written whole, then renamed: another worker never reads a half-written file.
+            with tf.io.gfile.GFile(params_path + ".tmp", "w") as f:
                 f.write(config.to_json())
+            tf.io.gfile.rename(params_path + ".tmp", params_path, overwrite=True)
+        else:
+            # A local temporary folder: nothing of this worker lands in --model_dir, even after a kill -9.
+            self.write_dir = tempfile.mkdtemp(prefix="xcos_train_worker_")
+            logging.info("Not the chief: this worker's saves go to %s (deleted at the end).", self.write_dir)
         self.summary_writer = (
             tf.summary.create_file_writer(os.path.join(self.model_dir, "logs")) if chief else tf.summary.create_noop_writer()
         )
