@@ -1,0 +1,223 @@
+"""Multi-worker training on loopback: two processes of the real trainer
+(`python -m xcos_tf.train --strategy=multi_worker`), each with its own TF_CONFIG, on tiny face
+shards. Both finish, only the chief writes into --model_dir, the workers read disjoint shard
+files, the losses equal a one-process run fed the same per-replica batches, and a job whose
+worker is killed with SIGKILL resumes from the last checkpoint when it is started again.
+
+What "the same data" means here: worker i reads shard files i, i + 2, ... (sharding by file),
+so no single input pipeline over all files yields the same batches. The reference is the
+trainer's own building blocks (`build_model`, `train_dataset_fn`, `make_train_step`) under
+`MirroredStrategy` on 2 logical CPUs with one input pipeline per replica
+(`InputReplicationMode.PER_REPLICA`): replica i gets the input context of worker i, hence the
+same files, the same per-replica batch and the same batch-norm statistics. Only the transport of
+the all-reduce differs (gRPC between processes versus in-process copies).
+"""
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import pytest
+import tensorflow as tf
+
+from conftest import REPO_ROOT
+from test_train import IMAGE_SHAPE, TINY_BACKBONE, _checkpoint_counters, _run_python
+from xcos_tf.data import records
+
+NUM_SHARDS = 4
+BATCH_SIZE = 8  # pairs per replica: 2 workers x 1 replica = a global batch of 16 pairs
+TIMEOUT = 300  # seconds for one job; a stuck collective never hangs the suite
+# Measured on this machine: equal to float32 printing precision (7 digits).
+LOSS_RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """4 shard files of 16 faces (4 identities, 32x32) with teacher embeddings."""
+    root = tmp_path_factory.mktemp("faces")
+    return sorted(records.write_synthetic_shards(str(root), num_shards=NUM_SHARDS, records_per_shard=16,
+                                                 num_classes=4, image_shape=IMAGE_SHAPE))
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _train_command(shards, model_dir, train_steps, checkpoint_every, export_formats=""):
+    return [
+        sys.executable, "-m", "xcos_tf.train", "--strategy=multi_worker",
+        f"--train_shards={os.path.dirname(shards[0])}/*.tfrecord", f"--image_size={IMAGE_SHAPE[0]}",
+        f"--backbone={TINY_BACKBONE}", f"--batch_size={BATCH_SIZE}", f"--train_steps={train_steps}",
+        "--learning_rate=0.05", f"--checkpoint_every={checkpoint_every}", "--keep_checkpoints=100", "--log_every=1",
+        "--deterministic", "--shuffle_buffer=32", f"--export_formats={export_formats}", f"--model_dir={model_dir}",
+    ]
+
+
+class _Job:
+    """Two worker processes of one command, each in its own process group, logs in files."""
+
+    def __init__(self, command, log_dir, name, ports):
+        cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+        self.logs = [os.path.join(log_dir, f"{name}_worker{index}.log") for index in range(2)]
+        self.processes = []
+        for index, log in enumerate(self.logs):
+            tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+            env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO_ROOT), TF_CONFIG=json.dumps(tf_config))
+            with open(log, "w") as out:
+                self.processes.append(subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=out,
+                                                       stderr=subprocess.STDOUT, start_new_session=True))
+
+    def wait(self, timeout=TIMEOUT):
+        deadline = time.time() + timeout
+        return [process.wait(timeout=max(deadline - time.time(), 1)) for process in self.processes]
+
+    def kill(self, index):
+        if self.processes[index].poll() is None:
+            os.killpg(self.processes[index].pid, signal.SIGKILL)
+        self.processes[index].wait()
+
+    def log(self, index):
+        with open(self.logs[index]) as f:
+            return f.read()
+
+
+@pytest.fixture
+def start_job(tmp_path):
+    """`start_job(command, name, ports=None) -> _Job`; every worker's process group is killed at
+    teardown, also when the test fails."""
+    jobs = []
+
+    def start(command, name, ports=None):
+        jobs.append(_Job(command, tmp_path, name, ports or _free_ports(2)))
+        return jobs[-1]
+
+    yield start
+    for job in jobs:
+        for index in range(2):
+            job.kill(index)
+
+
+def _losses_by_run(log_dir):
+    """[{step: loss}] of `train/loss`, one dict per event file (one per run of the chief)."""
+    runs = []
+    for name in sorted(os.listdir(log_dir), key=lambda n: os.path.getmtime(os.path.join(log_dir, n))):
+        losses = {}
+        for event in tf.compat.v1.train.summary_iterator(os.path.join(log_dir, name)):
+            for value in event.summary.value:
+                if value.tag == "train/loss":
+                    losses[event.step] = float(tf.make_ndarray(value.tensor))
+        runs.append(losses)
+    return runs
+
+
+def _files_read(log):
+    """{shard path} of the 'Input pipeline i of n reads ...' lines of a worker's log."""
+    lines = re.findall(r"Input pipeline (\d) of 2 reads \d+ of \d+ shard files: (.*)", log)
+    assert lines, "no input pipeline line in the worker's log"
+    return {int(pipeline_id) for pipeline_id, _ in lines}, {path for _, paths in lines for path in paths.split(", ")}
+
+
+def _checkpoint_steps(model_dir):
+    state = tf.train.get_checkpoint_state(os.path.join(model_dir, "checkpoints"))
+    return [int(path.rsplit("-", 1)[1]) for path in state.all_model_checkpoint_paths]
+
+
+def test_two_workers_train_like_one_process_and_only_the_chief_writes(tmp_path, shards, start_job):
+    model_dir = tmp_path / "run"
+    job = start_job(_train_command(shards, model_dir, train_steps=6, checkpoint_every=3, export_formats="saved_model"),
+                    "train")
+    codes = job.wait()
+    assert codes == [0, 0], job.log(0)[-3000:] + job.log(1)[-3000:]
+    chief_log, worker_log = job.log(0), job.log(1)
+    for log in (chief_log, worker_log):
+        assert "Starting at step 0: 2 replica(s), global batch 16 pairs." in log
+
+    # The chief writes the run; worker 1 wrote only into a local temporary folder, now deleted.
+    assert sorted(os.listdir(model_dir)) == ["best.keras", "checkpoints", "export", "final.keras", "logs", "params.json"]
+    assert _checkpoint_steps(model_dir) == [3, 6]
+    assert os.path.isfile(model_dir / "export" / "manifest.json")
+    assert tf.saved_model.contains_saved_model(next((model_dir / "export" / "saved_model").glob("*/1")))
+    (worker_dir,) = re.findall(r"this worker's saves go to (\S+) \(deleted", worker_log)
+    assert os.path.commonpath([worker_dir, tempfile.gettempdir()]) == tempfile.gettempdir()
+    assert not os.path.exists(worker_dir)
+    assert "this worker's saves go to" not in chief_log
+
+    # Sharding by file: the two workers read disjoint files that together are all of them.
+    chief_ids, chief_files = _files_read(chief_log)
+    worker_ids, worker_files = _files_read(worker_log)
+    assert (chief_ids, worker_ids) == ({0}, {1})
+    assert not chief_files & worker_files
+    assert chief_files | worker_files == set(shards)
+
+    # The reference: the same config (the chief's params.json) on 2 replicas in one process,
+    # replica i reading with worker i's input context.
+    script = textwrap.dedent(f"""
+        import json
+        import keras
+        import tensorflow as tf
+        from xcos_tf import train
+        config = train.TrainConfig.from_json({str(model_dir / "params.json")!r})
+        train.configure_cpu_devices(2)
+        strategy = train.make_strategy("mirrored")
+        keras.utils.set_random_seed(config.seed)
+        with strategy.scope():
+            trainer = train.build_model(config, strategy.num_replicas_in_sync)
+        per_replica = tf.distribute.InputOptions(experimental_replication_mode=tf.distribute.InputReplicationMode.PER_REPLICA)
+        dataset_fn = train.train_dataset_fn(config, config.batch_size * strategy.num_replicas_in_sync, 0, 0)
+        iterator = iter(strategy.distribute_datasets_from_function(dataset_fn, per_replica))
+        train_step = train.make_train_step(strategy, trainer)
+        print("LOSSES", json.dumps([float(train_step(iterator)["loss"]) for _ in range(config.train_steps)]))
+    """)
+    result = _run_python(["-c", script])
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("LOSSES"))[len("LOSSES"):])
+    (two_workers,) = _losses_by_run(model_dir / "logs")
+    assert sorted(two_workers) == list(range(1, 7))
+    assert [two_workers[step] for step in range(1, 7)] == pytest.approx(reference, rel=LOSS_RTOL)
+
+
+def test_a_killed_worker_and_a_restarted_job_resume_from_the_last_checkpoint(tmp_path, shards, start_job):
+    model_dir = tmp_path / "run"
+    train_steps, checkpoint_every = 40, 5
+    command = _train_command(shards, model_dir, train_steps, checkpoint_every)
+    ports = _free_ports(2)
+    first = start_job(command, "first", ports)
+    deadline = time.time() + TIMEOUT
+    while not (model_dir / "checkpoints" / f"ckpt-{2 * checkpoint_every}.index").exists():
+        assert all(p.poll() is None for p in first.processes), first.log(0)[-3000:] + first.log(1)[-3000:]
+        assert time.time() < deadline, "no checkpoint appeared in time"
+        time.sleep(0.05)
+    first.kill(1)
+    # The chief notices the lost peer (its heartbeats stop) and fails by itself, as a job
+    # manager expects before it restarts the job.
+    assert first.wait(timeout=120)[0] != 0
+    assert "UnavailableError" in first.log(0)
+    saved_step, _ = _checkpoint_counters(model_dir)
+    assert 2 * checkpoint_every <= saved_step < train_steps
+
+    second = start_job(command, "second", ports)  # the same command lines and TF_CONFIG
+    codes = second.wait()
+    assert codes == [0, 0], second.log(0)[-3000:] + second.log(1)[-3000:]
+    for index in range(2):
+        assert f"Resuming at step {saved_step}: 2 replica(s)" in second.log(index)
+    # Every optimizer applied exactly one update per step: nothing ran twice, nothing was lost.
+    step, iterations = _checkpoint_counters(model_dir)
+    assert step == train_steps and iterations and all(i == train_steps for i in iterations)
+    # One checkpoint every 5 steps, none twice; the restarted run logged steps from the resume point on.
+    assert _checkpoint_steps(model_dir) == list(range(checkpoint_every, train_steps + 1, checkpoint_every))
+    assert sorted(_losses_by_run(model_dir / "logs")[-1]) == list(range(saved_step + 1, train_steps + 1))
+    # Nothing of the killed worker in the model folder.
+    assert sorted(os.listdir(model_dir)) == ["best.keras", "checkpoints", "final.keras", "logs", "params.json"]
