@@ -32,7 +32,7 @@ from absl import app, flags, logging
 
 from xcos_tf import backbones, layers, metrics
 from xcos_tf import model as xcos_model
-from xcos_tf.data import pipeline
+from xcos_tf.data import features, pipeline
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -105,6 +105,17 @@ _TEACHER = flags.DEFINE_string(
     "",
     "Empty: teacher_cos from the embeddings precomputed in the shards. Otherwise a frozen "
     "teacher run in the graph: a SavedModel folder or .keras model taking RGB 0..255 faces.",
+)
+
+_CACHE_BACKBONE_FEATURES = flags.DEFINE_bool(
+    "cache_backbone_features",
+    False,
+    "With --freeze_backbone: run the frozen backbone once over the training shards (each face and its "
+    "mirror image), keep its feature maps in --feature_cache_dir (xcos_tf.data.features) and train the "
+    "grid head and attention on them: a step then costs the head only, not a backbone pass.",
+)
+_FEATURE_CACHE_DIR = flags.DEFINE_string(
+    "feature_cache_dir", "", "Folder of the feature caches of --cache_backbone_features (default MODEL_DIR/feature_cache)."
 )
 
 # === Optimisation ===
@@ -200,6 +211,8 @@ class TrainConfig:
     ce_weight: float = 1.0
     xcos_weight: float = 1.0
     teacher: str = ""
+    cache_backbone_features: bool = False
+    feature_cache_dir: str = ""
     batch_size: int = 32
     train_steps: int = 10000
     optimizer: str = "sgd"
@@ -271,6 +284,11 @@ class TrainConfig:
                 self.teacher.endswith(".keras") and os.path.isfile(self.teacher)
             )):
                 raise ConfigError("teacher", f"expected a SavedModel folder or an existing .keras file. Received: {self.teacher!r}")
+        if self.cache_backbone_features:
+            if not self.freeze_backbone:
+                raise ConfigError("cache_backbone_features", "needs --freeze_backbone: a trained backbone's maps change every step")
+            if self.data != "shards" or self.teacher:
+                raise ConfigError("cache_backbone_features", "needs --data=shards and teacher_cos from the shards (no --teacher)")
         if self.ce_weight + self.xcos_weight <= 0:
             raise ConfigError("xcos_weight", "and --ce_weight must not both be 0")
         if self.warmup_steps >= self.train_steps and self.warmup_steps > 0:
@@ -486,9 +504,24 @@ def teacher_cosine(teacher, image_a, image_b):
     return tf.stop_gradient(tf.reduce_sum(embedding_a * embedding_b, axis=-1))
 
 
-def train_dataset_fn(config, global_batch_size, epoch, skip_steps):
+def feature_caches(config, backbone):
+    """--cache_backbone_features: one feature cache per folder of training shards (one make_shards
+    run each), written on the first run and reused (or continued) afterwards. Returns their folders."""
+    root = config.feature_cache_dir or os.path.join(config.model_dir, "feature_cache")
+    files = pipeline.list_shards(list(config.train_shards))
+    folders = sorted({os.path.dirname(path) for path in files})
+    caches = []
+    for index, folder in enumerate(folders):
+        cache = os.path.join(root, f"{index:02d}_{os.path.basename(folder)}")
+        features.write_feature_shards(backbone, [f for f in files if os.path.dirname(f) == folder], cache)
+        caches.append(cache)
+    return caches
+
+
+def train_dataset_fn(config, global_batch_size, epoch, skip_steps, caches=None):
     """`input_context -> tf.data.Dataset` of per-replica batches of the config's epoch,
-    fast-forwarded by `skip_steps` global steps (the data position after a restart)."""
+    fast-forwarded by `skip_steps` global steps (the data position after a restart); with
+    `caches` (feature cache folders), pairs of cached backbone maps instead of images."""
     seed = config.seed * 100003 + epoch  # each epoch draws other pairs
 
     def dataset_fn(input_context):
@@ -497,6 +530,11 @@ def train_dataset_fn(config, global_batch_size, epoch, skip_steps):
             dataset = pipeline.synthetic_pair_dataset(
                 input_context.get_per_replica_batch_size(global_batch_size), image_shape=image_shape,
                 num_classes=config.num_classes, seed=seed, same_fraction=config.same_fraction,
+            )
+        elif caches:
+            dataset = features.feature_pair_dataset(
+                caches, global_batch_size, same_fraction=config.same_fraction, seed=seed,
+                deterministic=config.deterministic, input_context=input_context, shuffle_buffer=config.shuffle_buffer,
             )
         else:
             # The pipeline splits the global batch per replica and the files per input pipeline.
@@ -585,6 +623,7 @@ def train(config):
         "Resuming" if restored else "Starting", int(step.numpy()), num_replicas, global_batch_size,
     )
 
+    caches = feature_caches(config, trainer.backbone) if config.cache_backbone_features else None
     train_step = make_train_step(strategy, trainer, teacher)
     evaluator = _Evaluator(config) if config.eval_pairs and chief else None
     history = {"step": [], "loss": [], "ce_loss": [], "xcos_loss": []}
@@ -594,7 +633,7 @@ def train(config):
         while int(step.numpy()) < config.train_steps:
             epoch, position = divmod(int(step.numpy()), config.steps_per_epoch)
             dataset = strategy.distribute_datasets_from_function(
-                train_dataset_fn(config, global_batch_size, epoch, position)
+                train_dataset_fn(config, global_batch_size, epoch, position, caches)
             )
             iterator = iter(dataset)
             for _ in range(min(config.steps_per_epoch - position, config.train_steps - int(step.numpy()))):
