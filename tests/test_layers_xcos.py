@@ -153,3 +153,21 @@ def test_layers_round_trip_through_keras_file(tmp_path, grids):
     reloaded = keras.saving.load_model(path)
     for key, value in model(x).items():
         np.testing.assert_array_equal(np.asarray(reloaded(x)[key]), np.asarray(value))
+
+
+def test_tf_checkpoint_restores_every_attention_weight(tmp_path, grids):
+    """The training loop saves tf.train.Checkpoints: BN statistics of the attention must survive."""
+    import tensorflow as tf
+
+    layer = XCosLayer()
+    layer(*grids)
+    rng = np.random.default_rng(5)
+    for weight in layer.weights:
+        weight.assign(rng.uniform(0.5, 1.5, size=weight.shape).astype("float32"))
+    path = tf.train.Checkpoint(layer=layer).save(str(tmp_path / "ckpt"))
+    restored = XCosLayer()
+    restored(*grids)
+    tf.train.Checkpoint(layer=restored).restore(path).assert_consumed()
+    assert len(restored.weights) == len(layer.weights) == 18  # 3 x (conv, 4 BN, PReLU)
+    for expected, got in zip(layer.weights, restored.weights):
+        np.testing.assert_array_equal(got.numpy(), expected.numpy(), err_msg=expected.path)

@@ -611,7 +611,7 @@ def train(config):
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         best_accuracy = tf.Variable(-1.0, dtype=tf.float32, trainable=False, name="best_accuracy")
     checkpoint = tf.train.Checkpoint(
-        **_trainer_checkpoint_items(trainer),
+        trainer=trainer,
         optimizers=[optimizer for optimizer, _ in trainer.optimizer_groups()],
         step=step,
         best_accuracy=best_accuracy,
@@ -678,13 +678,6 @@ def _wait_for_all_workers(strategy):
         return strategy.reduce("SUM", strategy.run(tf.constant, args=(1.0,)), axis=None)
 
     all_reduce_one()
-
-
-def _trainer_checkpoint_items(trainer):
-    """What a checkpoint holds of the trainer: the object graph, plus every weight in order,
-    because tf.train.Checkpoint does not follow layers that a Keras 3 layer keeps in a list
-    (the XCosLayer's attention stacks) and would silently skip their weights."""
-    return {"trainer": trainer, "trainer_weights": list(trainer.weights)}
 
 
 def _write_scalars(trainer, terms, step, images_per_second):
@@ -868,7 +861,7 @@ def load_trainer(model_dir):
     if not latest:
         raise FileNotFoundError(f"No checkpoint in {os.path.join(model_dir, 'checkpoints')!r}.")
     trainer = build_model(config)
-    tf.train.Checkpoint(**_trainer_checkpoint_items(trainer)).restore(latest).expect_partial().assert_existing_objects_matched()
+    tf.train.Checkpoint(trainer=trainer).restore(latest).expect_partial().assert_existing_objects_matched()
     return trainer
 
 

@@ -15,19 +15,6 @@ def _conv_bn_prelu(filters, dtype_policy, name):
     ]
 
 
-def _build_stack(stack, input_shape):
-    for layer in stack:
-        layer.build(input_shape)
-        input_shape = layer.compute_output_shape(input_shape)
-    return input_shape
-
-
-def _run_stack(stack, x, training):
-    for layer in stack:
-        x = layer(x, training=training) if isinstance(layer, keras.layers.BatchNormalization) else layer(x)
-    return x
-
-
 @keras.saving.register_keras_serializable(package="xcos_tf")
 class XCosLayer(keras.layers.Layer):
     """Compares two grids of face cells and says which cells matched and which counted.
@@ -104,15 +91,19 @@ class XCosLayer(keras.layers.Layer):
             )
         if self.attention != "learned":
             return
-        # `shared` runs on each face's grid alone, `fuse` on the two concatenated.
-        self._shared = _conv_bn_prelu(16, self.dtype_policy, "shared")
-        shared_shape = _build_stack(self._shared, grid_shape)
-        self._fuse = _conv_bn_prelu(16, self.dtype_policy, "fuse") + _conv_bn_prelu(1, self.dtype_policy, "logit")
-        _build_stack(self._fuse, shared_shape[:-1] + (2 * shared_shape[-1],))
+        # `shared` runs on each face's grid alone, `fuse` on the two concatenated. Sequential
+        # stacks, not plain lists: TF checkpoints only follow layers held in attributes.
+        self._shared = keras.Sequential(_conv_bn_prelu(16, self.dtype_policy, "shared"), name="shared")
+        self._shared.build(grid_shape)
+        shared_shape = self._shared.compute_output_shape(grid_shape)
+        self._fuse = keras.Sequential(
+            _conv_bn_prelu(16, self.dtype_policy, "fuse") + _conv_bn_prelu(1, self.dtype_policy, "logit"), name="fuse"
+        )
+        self._fuse.build(shared_shape[:-1] + (2 * shared_shape[-1],))
 
     def _attention_logits(self, shared_a, shared_b, training):
         fused = ops.concatenate([shared_a, shared_b], axis=-1)
-        return ops.cast(_run_stack(self._fuse, fused, training)[..., 0], "float32")
+        return ops.cast(self._fuse(fused, training=training)[..., 0], "float32")
 
     def _attention_map(self, grid_a, grid_b, training):
         batch = ops.shape(grid_a)[0]
@@ -122,8 +113,8 @@ class XCosLayer(keras.layers.Layer):
         if self.attention == "fixed":
             weights = ops.convert_to_tensor(self.fixed_weights, "float32")
             return ops.broadcast_to(weights[None], (batch, height, width))
-        shared_a = _run_stack(self._shared, grid_a, training)
-        shared_b = _run_stack(self._shared, grid_b, training)
+        shared_a = self._shared(grid_a, training=training)
+        shared_b = self._shared(grid_b, training=training)
         logits = self._attention_logits(shared_a, shared_b, training)
         if self.symmetric:
             logits = 0.5 * (logits + self._attention_logits(shared_b, shared_a, training))
