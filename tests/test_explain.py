@@ -233,3 +233,17 @@ def test_cli_end_to_end_without_tensorflow(shared_dir, exported, tmp_path, model
     assert np.shape(printed["cos_map"]) == np.shape(printed["attention_map"]) == (7, 7)
     assert "faces found" in run.stderr and "using the largest" in run.stderr  # said on stderr
     assert align.read_image(out).shape == (760, 1300, 3)
+
+
+def test_aligned_crops_need_no_face_detector(capsys, tmp_path):
+    """The README's first command on a fresh clone: shipped aligned samples, no ../shared."""
+    samples = REPO_ROOT / "exported" / "samples" / "aligned"
+    missing = str(tmp_path / "no_yunet.onnx")
+    code, out, err = _main(capsys, samples / "A.png", samples / "B.png", model=str(REPO_ROOT / "exported" / "default"),
+                           format="tflite", detector=missing)
+    assert code == 0, err
+    assert out.startswith("score ") and "same" in out
+    # A raw photo does need the detector, and the message says which photo and why.
+    raw = REPO_ROOT / "exported" / "samples" / "A.jpg"
+    code, _, err = _main(capsys, raw, samples / "B.png", detector=missing)
+    assert code == 2 and "--detector" in err and "A.jpg" in err

@@ -239,7 +239,7 @@ def align_photo(photo, label, aligner):
         name = label
         image = np.asarray(photo)
     if align.is_aligned_crop(image):
-        return aligner.align(image, assume_aligned=True).image, f"{label}: an aligned 112x112 crop, used as it is"
+        return align.aligned_crop(image).image, f"{label}: an aligned 112x112 crop, used as it is"
     small, scale = _detection_copy(image)
     try:
         face = aligner.align(small, assume_aligned=False)
@@ -329,10 +329,17 @@ def main(argv, args):
     if len(argv) != 3:
         exit_with_error(f"expected two photos: python -m xcos_tf.explain PHOTO_A PHOTO_B --model DIR. "
                         f"Received: {argv[1:]}")
-    if not os.path.isfile(args.detector.value):
-        exit_with_error(f"--detector: face detector model not found: {args.detector.value!r}")
-    # Photos first: a bad photo is reported before the (slow) model load.
-    aligner = align.FaceAligner(args.detector.value, choose="largest")
+    # Photos first: a bad photo is reported before the (slow) model load, and aligned crops
+    # need no face detector (a fresh clone has none).
+    for photo in argv[1:]:
+        try:
+            image = align.read_image(photo)
+        except ValueError as err:  # ImageError
+            exit_with_error(str(err))
+        if not align.is_aligned_crop(image) and not os.path.isfile(args.detector.value):
+            exit_with_error(f"--detector: face detector model not found: {args.detector.value!r} "
+                            f"(needed for {photo}, which is not an aligned 112x112 crop)")
+    aligner = align.FaceAligner(args.detector.value, choose="largest") if os.path.isfile(args.detector.value) else None
     faces, notes = [], []
     for photo, label in zip(argv[1:], ("photo A", "photo B")):
         try:
