@@ -161,21 +161,25 @@ class XCosTrainer(keras.Model):
     def apply_loss_gradients(self, tape, loss):
         """Differentiates the unscaled `loss` (recorded on `tape`) and steps each optimizer on its variables.
 
-        Each optimizer scales the loss itself (`scale_loss`: a `LossScaleOptimizer`'s own
-        dynamic scale, the identity otherwise), so several loss-scaled optimizers stay
-        correct; more than one group needs a persistent tape.
+        Without loss scaling one backward pass serves every group. A `LossScaleOptimizer`
+        has its own dynamic scale, so then each group takes its own pass with its scale as
+        the output gradient (the tape must be persistent when there are several groups).
         """
-        for optimizer, variables in self.optimizer_groups():
-            if variables:
-                # scale_loss(1) is the optimizer's loss scale; as the output gradient it scales
-                # the loss after the tape has closed.
-                loss_scale = optimizer.scale_loss(ops.ones_like(loss))
-                gradients = tape.gradient(loss, variables, output_gradients=loss_scale)
-                optimizer.apply(gradients, variables)
+        groups = [(optimizer, variables) for optimizer, variables in self.optimizer_groups() if variables]
+        if not any(isinstance(optimizer, keras.optimizers.LossScaleOptimizer) for optimizer, _ in groups):
+            gradients = tape.gradient(loss, [v for _, variables in groups for v in variables])
+            for optimizer, variables in groups:
+                optimizer.apply(gradients[: len(variables)], variables)
+                gradients = gradients[len(variables):]
+            return
+        for optimizer, variables in groups:
+            loss_scale = optimizer.scale_loss(ops.ones_like(loss))
+            optimizer.apply(tape.gradient(loss, variables, output_gradients=loss_scale), variables)
 
     def train_step(self, data):
         import tensorflow as tf  # train_step is TF-backend specific: it needs a GradientTape
 
+        data, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape(persistent=True) as tape:
             outputs = self(data, training=True)
             terms = self.compute_loss_terms(data, outputs)
@@ -188,8 +192,9 @@ class XCosTrainer(keras.Model):
 
     def get_compile_config(self):
         config = super().get_compile_config()
-        if config is not None and self.attention_optimizer is not None:
-            config["attention_optimizer"] = keras.saving.serialize_keras_object(self.attention_optimizer)
+        for key in ("attention_optimizer", "backbone_optimizer"):
+            if config is not None and getattr(self, key) is not None:
+                config[key] = keras.saving.serialize_keras_object(getattr(self, key))
         return config
 
     def compile_from_config(self, config):
