@@ -77,6 +77,26 @@ def test_loss_terms_follow_the_formula_and_skip_unlabelled_faces(trainer):
     assert terms["loss"] == pytest.approx(expected_ce + expected_mse, rel=1e-4)
 
 
+def test_without_ce_the_margin_head_is_skipped_and_files_still_round_trip(make_tiny_backbone, tmp_path):
+    keras.utils.set_random_seed(0)
+    trainer = model.build_trainer(
+        make_tiny_backbone(IMAGE_SHAPE), num_classes=1000, image_shape=IMAGE_SHAPE, grid_channels=8, ce_weight=0.0
+    )
+    batch = random_batch(np.random.default_rng(4))
+    out = trainer(batch, training=False)
+    assert "logits" not in out and not trainer.margin_head.weights
+    terms = trainer.compute_loss_terms(batch, out)
+    assert float(terms["ce_loss"]) == 0.0
+    np.testing.assert_allclose(float(terms["loss"]), np.mean((np.asarray(out["score"]) - batch["teacher_cos"]) ** 2), rtol=1e-5)
+    trainer.compile(optimizer=keras.optimizers.Adam(1e-2))
+    history = trainer.fit(batch, batch_size=8, epochs=10, verbose=0, shuffle=False).history
+    assert history["loss"][-1] < 0.5 * history["loss"][0]
+    path = str(tmp_path / "no_ce.keras")
+    trainer.save(path)
+    clone = keras.saving.load_model(path)
+    np.testing.assert_allclose(clone(batch)["score"], trainer(batch)["score"], atol=1e-6)
+
+
 def test_verifier_models_agree(trainer):
     rng = np.random.default_rng(3)
     batch = random_batch(rng, size=3)

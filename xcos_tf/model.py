@@ -47,7 +47,7 @@ class XCosTrainer(keras.Model):
             optionally `"label_a"`, `"label_b"` (batch,) int labels (the margin needs them).
 
     Returns a dict with the XCosLayer outputs plus `"logits"` (2 * batch, classes: faces
-    a then faces b) and `"embedding"` (2 * batch, cells * channels).
+    a then faces b; only with ce_weight > 0) and `"embedding"` (2 * batch, cells * channels).
 
     Example:
     >>> trainer = XCosTrainer(xcos_tf.backbones.get("mobilefacenet"), num_classes=100)
@@ -119,18 +119,23 @@ class XCosTrainer(keras.Model):
         if "label_a" in inputs and "label_b" in inputs:
             labels = ops.maximum(ops.concatenate([inputs["label_a"], inputs["label_b"]], 0), 0)
         outputs = dict(self.xcos(grid_a, grid_b, training=training))
-        outputs["logits"] = self.margin_head(embedding, labels, training=training)
+        if self.ce_weight > 0:
+            # Without a CE term the margin head is neither run nor built: its matmul over every
+            # identity would cost more than the rest of a step on cached backbone maps.
+            outputs["logits"] = self.margin_head(embedding, labels, training=training)
         outputs["embedding"] = embedding
         return outputs
 
     def compute_loss_terms(self, batch, outputs):
         """Per-replica mean loss terms of a batch of pairs: loss, ce_loss, xcos_loss."""
-        labels = ops.cast(ops.concatenate([batch["label_a"], batch["label_b"]], 0), "int32")
-        labelled = ops.cast(labels != UNLABELLED, "float32")
-        ce = keras.losses.sparse_categorical_crossentropy(
-            ops.maximum(labels, 0), outputs["logits"], from_logits=True
-        )
-        ce_loss = ops.sum(ce * labelled) / ops.maximum(ops.sum(labelled), 1.0)
+        ce_loss = ops.zeros((), "float32")
+        if "logits" in outputs:
+            labels = ops.cast(ops.concatenate([batch["label_a"], batch["label_b"]], 0), "int32")
+            labelled = ops.cast(labels != UNLABELLED, "float32")
+            ce = keras.losses.sparse_categorical_crossentropy(
+                ops.maximum(labels, 0), outputs["logits"], from_logits=True
+            )
+            ce_loss = ops.sum(ce * labelled) / ops.maximum(ops.sum(labelled), 1.0)
         teacher_cos = ops.cast(batch["teacher_cos"], "float32")
         xcos_loss = ops.mean(ops.square(outputs["score"] - teacher_cos))
         loss = self.ce_weight * ce_loss + self.xcos_weight * xcos_loss
