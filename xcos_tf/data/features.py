@@ -115,7 +115,7 @@ def _source_batches(scan, kind, batch_size, start):
 def _cache_config(scan, kind, fingerprint, feature_shape):
     return {
         "kind": f"feature_{kind}",
-        "source_files": [os.path.abspath(f) for f in scan.files],
+        "source_files": [os.path.realpath(f) for f in scan.files],  # one cache however its shards are reached
         "source_counts": list(scan.counts),
         "backbone_sha256": fingerprint,
         "feature_shape": list(feature_shape),
