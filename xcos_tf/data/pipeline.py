@@ -146,14 +146,18 @@ def _manifests_for(files):
 
 def _num_classes_from_manifests(manifests, labels):
     face_manifests = [m for m in manifests.values() if m and m.get("kind") == "faces"]
-    if len(manifests) > 1 and face_manifests:
+    # A run of faces without identities (make_shards --unlabelled) has no label space to clash.
+    labelled = [m for m in face_manifests if m.get("num_unlabelled", 0) < m.get("num_records", 0)]
+    if len(manifests) - (len(face_manifests) - len(labelled)) > 1 and labelled:
         raise ValueError(
             f"Shards from several make_shards runs ({sorted(manifests)}) have separate label "
             "spaces. Write all training sources in one run (a list file with one label per "
             "identity), or pass num_classes when the labels are known to be shared."
         )
+    if labelled:
+        return int(labelled[0]["num_classes"])
     if face_manifests:
-        return int(face_manifests[0]["num_classes"])
+        return 0
     return int(labels.max()) + 1 if len(labels) else 0
 
 
