@@ -237,3 +237,24 @@ def test_init_backbone_from_the_onnx_teacher(tmp_path, data_dir, shared_dir):
     config.validate()
     backbone = train.build_backbone(config)
     assert tuple(backbone.output_shape[1:]) == (7, 7, 512)
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(os.path.dirname(train.__file__), "configs"))))
+def test_shipped_flagfiles_parse_and_hold_a_consistent_config(name):
+    """Every flag in xcos_tf/configs is a flag of xcos_tf.train, and the combinations pass the
+    checks that do not look at files (those paths exist only after the data commands)."""
+    from absl.testing import flagsaver
+
+    path = os.path.join(os.path.dirname(train.__file__), "configs", name)
+    with flagsaver.flagsaver():
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["xcos_tf.train", f"--flagfile={path}"])
+        config = train.TrainConfig.from_flags()
+    assert config.train_shards and config.model_dir and config.train_steps > 0
+    # validate() without the data: globs and the pretrained file are checked elsewhere.
+    checked = dataclasses.replace(config, train_shards=(), data="synthetic", num_classes=max(config.num_classes, 2),
+                                  eval_pairs=(), init_backbone="", cache_backbone_features=False)
+    checked.validate()
+    if name == "local_mobilefacenet.flags":  # the shipped default model's recipe
+        assert config.init_backbone.startswith("onnx:") and config.freeze_backbone and config.cache_backbone_features
+        assert config.ce_weight == 0 and config.grid_channels == 32 and config.attention == "learned"
