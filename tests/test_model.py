@@ -84,7 +84,7 @@ def test_without_ce_the_margin_head_is_skipped_and_files_still_round_trip(make_t
     )
     batch = random_batch(np.random.default_rng(4))
     out = trainer(batch, training=False)
-    assert "logits" not in out and not trainer.margin_head.weights
+    assert "logits" not in out and trainer.margin_head is None
     terms = trainer.compute_loss_terms(batch, out)
     assert float(terms["ce_loss"]) == 0.0
     np.testing.assert_allclose(float(terms["loss"]), np.mean((np.asarray(out["score"]) - batch["teacher_cos"]) ** 2), rtol=1e-5)

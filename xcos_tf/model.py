@@ -89,7 +89,11 @@ class XCosTrainer(keras.Model):
             head_args["scale"] = margin_scale
         if margin_value is not None:
             head_args["margin"] = margin_value
-        self.margin_head = MARGIN_HEADS[margin](num_classes, dtype="float32", name="margin_head", **head_args)
+        # Without a CE term there is no margin head: its matmul over every identity would cost
+        # more than the rest of a step on cached backbone maps.
+        self.margin_head = None
+        if ce_weight > 0:
+            self.margin_head = MARGIN_HEADS[margin](num_classes, dtype="float32", name="margin_head", **head_args)
         self.attention_optimizer = None
         self.backbone_optimizer = None
         # === Config ===
@@ -119,9 +123,7 @@ class XCosTrainer(keras.Model):
         if "label_a" in inputs and "label_b" in inputs:
             labels = ops.maximum(ops.concatenate([inputs["label_a"], inputs["label_b"]], 0), 0)
         outputs = dict(self.xcos(grid_a, grid_b, training=training))
-        if self.ce_weight > 0:
-            # Without a CE term the margin head is neither run nor built: its matmul over every
-            # identity would cost more than the rest of a step on cached backbone maps.
+        if self.margin_head is not None:
             outputs["logits"] = self.margin_head(embedding, labels, training=training)
         outputs["embedding"] = embedding
         return outputs
