@@ -83,6 +83,8 @@ def test_encode_decode_round_trip(tmp_path):
 def test_face_aligner_argument_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no_such_yunet.onnx"):
         align.FaceAligner(tmp_path / "no_such_yunet.onnx")
+    with pytest.raises(ValueError, match="`detect_padding` must be >= 0 pixels. Received: -1"):
+        align.FaceAligner(tmp_path / "no_such_yunet.onnx", detect_padding=-1)
 
 
 def test_aligned_crops_skip_detection(tmp_path, shared_dir):
@@ -98,6 +100,25 @@ def test_aligned_crops_skip_detection(tmp_path, shared_dir):
         aligner.align(crop, assume_aligned=False)
     with pytest.raises(ValueError, match="choose"):
         align.FaceAligner(shared_dir / "models" / "yunet.onnx", choose="first")
+
+
+def test_detect_padding_aligns_crops_where_the_face_fills_the_image(shared_dir):
+    # A UTKFace crop: 112x112 (so taken as aligned by default), but not on the template.
+    detector = shared_dir / "models" / "yunet.onnx"
+    image = align.read_image(shared_dir / "data" / "utkface_6k" / "images" / "100_0_0_20170112215240346.jpg")
+    plain = align.FaceAligner(detector)
+    assert plain.align(image).image is image
+    face = align.FaceAligner(detector, detect_padding=24).align(image)
+    assert face.score < 1.0 and face.num_faces == 1
+    # Exactly what aligning a copy with a 24-pixel black border gives, in the original's pixels.
+    reference = plain.align(cv2.copyMakeBorder(image, 24, 24, 24, 24, cv2.BORDER_CONSTANT, value=0))
+    np.testing.assert_array_equal(face.image, reference.image)
+    np.testing.assert_array_equal(face.aligned_landmarks, reference.aligned_landmarks)
+    np.testing.assert_allclose(face.landmarks, reference.landmarks - 24, atol=1e-4)
+    np.testing.assert_allclose(face.box, reference.box - [24, 24, 0, 0], atol=1e-4)
+    assert face.score == reference.score
+    # The eyes are inside the original image, where its pixels are.
+    assert np.all((face.landmarks[:2] > 0) & (face.landmarks[:2] < 112))
 
 
 def test_landmarks_land_near_the_template_on_celeba(shared_dir):

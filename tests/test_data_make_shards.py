@@ -141,7 +141,17 @@ def test_script_help_runs_both_ways():
         # absl prints the help and exits with status 1.
         result = subprocess.run([sys.executable, *command, "--helpshort"], cwd=REPO_ROOT,
                                 capture_output=True, text=True)
-        assert "--assume_aligned" in result.stdout and "--teacher" in result.stdout
+        assert "--assume_aligned" in result.stdout and "--detect_padding" in result.stdout
+        assert "--teacher" in result.stdout
+
+
+def test_bad_detect_padding_is_refused(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "tools.make_shards", "--detect_padding=-3",
+                             f"--out_dir={tmp_path / 'o'}"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 1 and "flag --detect_padding=-3: -3 is not a non-negative integer" in result.stderr
+    # Padding for detection contradicts taking images as aligned crops without detection.
+    with pytest.raises(ValueError, match="detect_padding=24 pads images for face detection, but assume_aligned"):
+        prepare.FacePreparer(prepare.Settings(detector=None, assume_aligned=True, detect_padding=24))
 
 
 @pytest.mark.slow
@@ -218,6 +228,31 @@ def test_real_pair_pipeline_teacher_cos_separates_pairs(real_shards):
     teacher_cos = np.concatenate([b["teacher_cos"].numpy() for b in batches])
     assert 0.2 < same.mean() < 0.8
     assert teacher_cos[same].mean() > teacher_cos[~same].mean() + 0.3
+
+
+def test_utkface_crops_align_with_detect_padding(shared_dir, tmp_path):
+    # UTKFace: 112x112 crops whose face fills the image, not on the template.
+    images = shared_dir / "data" / "utkface_6k" / "images"
+    names = ["100_0_0_20170112215240346.jpg", "1_0_0_20170109193052283.jpg"]  # YuNet finds no face in the 2nd
+    detector = str(shared_dir / "models" / "yunet.onnx")
+
+    def make(out, **settings):
+        manifest = shard_writer.make_face_shards([(name, None) for name in names], images, tmp_path / out,
+                                                 prepare.Settings(detector=detector, **settings),
+                                                 num_workers=1, progress=False)
+        decoded = [records.decode_face(r) for r in tf.data.TFRecordDataset(pipeline.list_shards(tmp_path / out))]
+        return manifest, {d["source"].numpy().decode(): d for d in decoded}
+
+    # Without padding they are taken as aligned crops: template landmarks, no rejects.
+    manifest, faces = make("plain")
+    assert manifest["num_records"] == 2 and "detect_padding" not in manifest["alignment"]
+    np.testing.assert_allclose(faces[names[0]]["landmarks"].numpy().reshape(5, 2), align.TEMPLATE_112)
+    manifest, faces = make("padded", detect_padding=24)
+    assert manifest["alignment"]["detect_padding"] == 24 and manifest["num_records"] == 1
+    assert [(r["path"], r["reason"]) for r in manifest["rejects"]] == [(names[1], "no_face")]
+    face = align.FaceAligner(detector, detect_padding=24).align(align.read_image(images / names[0]))
+    np.testing.assert_array_equal(faces[names[0]]["landmarks"].numpy().reshape(5, 2), face.landmarks)
+    assert faces[names[0]]["image_encoded"].numpy() == align.encode_image(face.image, "jpeg", 95)
 
 
 def test_lfw_pairs_become_pair_shards(shared_dir, tmp_path):

@@ -6,7 +6,10 @@ Training faces, from an ImageFolder tree (`ROOT/IDENTITY/photo.jpg`) or a list f
     python -m tools.make_shards --input=../shared/data/celeba_subset/images --out_dir=shards/celeba
     python -m tools.make_shards --input=train_list.txt --root=../shared/data --out_dir=shards/train
     python -m tools.make_shards --input=../shared/data/utkface_6k/images --unlabelled \
-        --assume_aligned --out_dir=shards/utk
+        --detect_padding=24 --out_dir=shards/utk
+
+(UTKFace's 112x112 crops are not aligned to the template, and their faces fill the image:
+--detect_padding gives YuNet the black margin it needs; 5,997 of its 6,000 faces align.)
 
 Evaluation pairs (pair shards for `pipeline.eval_pair_dataset` and the evaluation tool):
 
@@ -50,6 +53,11 @@ _SCORE_THRESHOLD = flags.DEFINE_float("score_threshold", 0.6, "Face detector con
 _ASSUME_ALIGNED = flags.DEFINE_bool(
     "assume_aligned", False, "Take every image as an aligned crop: no detection, resized to 112x112 if needed. "
     "(Without it, only exactly 112x112 images skip detection.)")
+_DETECT_PADDING = flags.DEFINE_integer(
+    "detect_padding", 0, "Pixels of black border added around each image before face detection (then "
+    "112x112 images are detected too), for crops where the face fills the image, e.g. UTKFace: YuNet "
+    "needs a margin around a face to place its landmarks. Landmarks stay in the original image's pixels.",
+    lower_bound=0)
 _TEACHER = flags.DEFINE_string("teacher", teacher_lib.DEFAULT_TEACHER,
                                "Teacher model (.onnx, .tflite or SavedModel folder), or 'none'.")
 _TEACHER_COLOR = flags.DEFINE_enum("teacher_color", "rgb", ["rgb", "bgr"], "Teacher input channel order.")
@@ -73,8 +81,8 @@ def _settings_from_flags():
     return prepare.Settings(
         detector=None if _DETECTOR.value.lower() == "none" else _DETECTOR.value, choose=_CHOOSE.value,
         min_face_size=_MIN_FACE_SIZE.value, score_threshold=_SCORE_THRESHOLD.value,
-        assume_aligned=_ASSUME_ALIGNED.value, image_format=_IMAGE_FORMAT.value,
-        jpeg_quality=_JPEG_QUALITY.value, teacher=teacher,
+        assume_aligned=_ASSUME_ALIGNED.value, detect_padding=_DETECT_PADDING.value,
+        image_format=_IMAGE_FORMAT.value, jpeg_quality=_JPEG_QUALITY.value, teacher=teacher,
     )
 
 

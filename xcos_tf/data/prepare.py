@@ -34,6 +34,8 @@ class Settings:
         score_threshold: float, detector confidence threshold.
         assume_aligned: bool, True takes every image as an aligned crop (resized to 112x112 when
             needed); False detects, except on images that are exactly 112x112.
+        detect_padding: int, pixels of black border around each image for detection (then
+            112x112 images are detected too), for crops where the face fills the image.
         image_format: "jpeg" or "png".
         jpeg_quality: int.
         teacher: dict of `teacher.Teacher` arguments (path, color, mean, scale, layout) or None.
@@ -44,6 +46,7 @@ class Settings:
     min_face_size: int = 20
     score_threshold: float = 0.6
     assume_aligned: bool = False
+    detect_padding: int = 0
     image_format: str = "jpeg"
     jpeg_quality: int = 95
     teacher: Optional[dict] = None
@@ -71,10 +74,16 @@ class FacePreparer:
         self.aligner = None
         if settings.detector is not None:
             self.aligner = align.FaceAligner(
-                settings.detector, settings.choose, settings.min_face_size, settings.score_threshold
+                settings.detector, settings.choose, settings.min_face_size, settings.score_threshold,
+                settings.detect_padding,
             )
         elif not settings.assume_aligned:
             raise ValueError("Without a face detector, images must be aligned crops: set assume_aligned")
+        if settings.detect_padding and (settings.assume_aligned or settings.detector is None):
+            raise ValueError(
+                f"detect_padding={settings.detect_padding} pads images for face detection, but "
+                "assume_aligned (or no detector) takes them as aligned crops without detection"
+            )
         self.teacher = None
         if settings.teacher is not None:
             self.teacher = teacher_lib.Teacher(**settings.teacher, batch_size=2, num_threads=1)

@@ -196,7 +196,7 @@ class ShardSet:
 
 def _alignment_config(settings):
     detector = settings.detector
-    return {
+    config = {
         "detector": os.path.basename(detector) if detector else None,
         "detector_sha256": records.sha256_file(detector) if detector else None,
         "choose": settings.choose,
@@ -205,6 +205,10 @@ def _alignment_config(settings):
         "assume_aligned": settings.assume_aligned,
         "template_112": align.TEMPLATE_112.tolist(),
     }
+    if settings.detect_padding:
+        # Only when used: shard sets made before the option keep matching their settings.
+        config["detect_padding"] = settings.detect_padding
+    return config
 
 
 def _teacher_config(teacher):
