@@ -162,6 +162,29 @@ def test_shards_from_separate_runs_are_refused_without_num_classes(tmp_path):
         pipeline.pair_dataset([tmp_path / "one", tmp_path / "two"], 2)
 
 
+def test_an_unlabelled_run_combines_with_one_labelled_run(tmp_path):
+    # A make_shards --unlabelled run (e.g. UTKFace) has no label space that could clash.
+    records.write_synthetic_shards(tmp_path / "labelled", 1, 8, 3, seed=1)
+    records.write_synthetic_shards(tmp_path / "unlabelled", 1, 6, 1, seed=2, unlabelled_fraction=1.0)
+    scan = pipeline.scan_shards([tmp_path / "labelled", tmp_path / "unlabelled"])
+    assert scan.num_classes == 3 and scan.counts == [8, 6]
+    assert sorted(set(scan.labels.tolist())) == [-1, 0, 1, 2] and np.sum(scan.labels == -1) == 6
+    batch = _batches(pipeline.pair_dataset([tmp_path / "labelled", tmp_path / "unlabelled"], 4, seed=0,
+                                           shuffle_buffer=8), 1)[0]
+    assert batch["label_a"].shape == (4,)
+    assert pipeline.scan_shards(tmp_path / "unlabelled").num_classes == 0
+    # Two labelled runs still have separate label spaces, with or without an unlabelled one.
+    records.write_synthetic_shards(tmp_path / "labelled_too", 1, 4, 2, seed=3)
+    runs = [tmp_path / "labelled", tmp_path / "unlabelled", tmp_path / "labelled_too"]
+    with pytest.raises(ValueError, match="separate label spaces"):
+        pipeline.scan_shards(runs)
+    # Labelled shards without a manifest: their labels give num_classes; still one labelled run only.
+    os.remove(tmp_path / "labelled" / "manifest.json")
+    assert pipeline.scan_shards(runs[:2]).num_classes == 3
+    with pytest.raises(ValueError, match="separate label spaces"):
+        pipeline.scan_shards(runs)
+
+
 def test_input_context_shards_by_file_and_batches_per_replica(shards):
     context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1, num_replicas_in_sync=4)
     scan = pipeline.scan_shards(shards)

@@ -156,8 +156,8 @@ def _num_classes_from_manifests(manifests, labels):
         )
     if labelled:
         return int(labelled[0]["num_classes"])
-    if face_manifests:
-        return 0
+    # Unlabelled runs alone (all labels -1) give 0; with labelled shards without a manifest,
+    # those shards' labels count.
     return int(labels.max()) + 1 if len(labels) else 0
 
 

@@ -248,12 +248,15 @@ def write_synthetic_shards(out_dir, num_shards=2, records_per_shard=16, num_clas
     classes = [f"class_{i:04d}" for i in range(num_classes)]
     entries, paths = [], []
     images_per_class = [0] * num_classes
+    num_unlabelled = 0
     for shard in range(num_shards):
         records = []
         for i in range(records_per_shard):
             index = shard * records_per_shard + i
             label = UNLABELLED if rng.random() < unlabelled_fraction else index % num_classes
-            if label != UNLABELLED:
+            if label == UNLABELLED:
+                num_unlabelled += 1
+            else:
                 images_per_class[label] += 1
             embedding = _unit_rows(rng.normal(size=embedding_dim))
             flipped = _unit_rows(embedding + 0.1 * rng.normal(size=embedding_dim))
@@ -276,6 +279,7 @@ def write_synthetic_shards(out_dir, num_shards=2, records_per_shard=16, num_clas
         "classes": classes,
         "images_per_class": images_per_class,
         "num_records": num_shards * records_per_shard,
+        "num_unlabelled": num_unlabelled,
         "shards": entries,
         "teacher": {"name": "synthetic", "dim": embedding_dim},
         "image_format": image_format,
