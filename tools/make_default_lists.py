@@ -11,9 +11,8 @@ Writes, into --out_dir:
   images, chosen with --seed; they are not in `train_list.txt` and serve as validation people
   (checkpoint choice and the decision threshold, never LFW).
 - `utkface_list.txt` (label -1): UTKFace has no identities. Its 112x112 crops are not aligned to
-  the ArcFace template, but make_shards takes exactly-112x112 images for aligned crops; each is
-  therefore written with a black border into --utkface_padded_dir, so that detection and
-  alignment run on it. The list's paths are relative to that folder.
+  the ArcFace template and the face fills them, so shard it with `make_shards --unlabelled
+  --detect_padding=24` (detection on a black border instead of taking them as aligned crops).
 
     python -m tools.make_default_lists --data_root=../shared/data --out_dir=/work/cache/default_data
 """
@@ -24,20 +23,16 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from xcos_tf.data import align, pairs as pairs_lib  # noqa: E402
+from xcos_tf.data import pairs as pairs_lib  # noqa: E402
 
 _DATA_ROOT = flags.DEFINE_string("data_root", "../shared/data", "The shared data folder (see its README.md).")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Where the list files are written.")
-_UTKFACE_PADDED_DIR = flags.DEFINE_string(
-    "utkface_padded_dir", None, "Where the bordered UTKFace copies go (default: OUT_DIR/utkface_padded).")
 _HOLDOUT_FRACTION = flags.DEFINE_float("holdout_fraction", 0.05,
                                        "Share of the identities with >= 2 images kept out as validation people.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the validation-people choice.")
-_BORDER = flags.DEFINE_integer("border", 24, "Black border (pixels) around each UTKFace crop.")
 
 LFW_PAIRS_FILES = ("pairs.txt", "pairsDevTrain.txt", "pairsDevTest.txt")
 
@@ -83,20 +78,9 @@ def split_holdout(items, fraction, seed):
             [item for item in items if item[1] in chosen])
 
 
-def write_padded_utkface(data_root, out_dir, border):
-    """Bordered lossless copies of the UTKFace crops; returns their file names."""
-    source = os.path.join(data_root, "utkface_6k", "images")
-    os.makedirs(out_dir, exist_ok=True)
-    names = []
-    for name in sorted(os.listdir(source)):
-        target = os.path.splitext(name)[0] + ".png"
-        path = os.path.join(out_dir, target)
-        if not os.path.exists(path):
-            image = align.read_image(os.path.join(source, name))
-            padded = cv2.copyMakeBorder(image, border, border, border, border, cv2.BORDER_CONSTANT, value=0)
-            cv2.imwrite(path, cv2.cvtColor(padded, cv2.COLOR_RGB2BGR))
-        names.append(target)
-    return names
+def utkface_items(data_root):
+    folder = os.path.join("utkface_6k", "images")
+    return [(os.path.join(folder, name), -1) for name in sorted(os.listdir(os.path.join(data_root, folder)))]
 
 
 def _write_list(path, items):
@@ -115,12 +99,11 @@ def main(argv):
     train, holdout = split_holdout(items, _HOLDOUT_FRACTION.value, _SEED.value)
     _write_list(os.path.join(out_dir, "train_list.txt"), train)
     _write_list(os.path.join(out_dir, "holdout_list.txt"), holdout)
-    padded_dir = _UTKFACE_PADDED_DIR.value or os.path.join(out_dir, "utkface_padded")
-    utkface = write_padded_utkface(data_root, padded_dir, _BORDER.value)
-    _write_list(os.path.join(out_dir, "utkface_list.txt"), [(name, -1) for name in utkface])
+    utkface = utkface_items(data_root)
+    _write_list(os.path.join(out_dir, "utkface_list.txt"), utkface)
     for name, part in (("train", train), ("holdout", holdout)):
         print(f"{name}: {len(part)} images of {len({identity for _, identity in part})} identities")
-    print(f"utkface: {len(utkface)} images (unlabelled) in {padded_dir}; "
+    print(f"utkface: {len(utkface)} images (unlabelled); "
           f"{len(excluded)} LFW names in pairs files left out")
 
 
