@@ -231,6 +231,31 @@ def test_pretrained_backbone_frozen_or_at_a_lower_rate(tmp_path, data_dir):
     assert trained  # the grid head, attention and margin head still train
 
 
+def test_init_from_a_trained_run_copies_every_part(tmp_path, data_dir):
+    """--init_from: a head trained with the backbone frozen (e.g. on cached maps) goes on with
+    the backbone trainable; each part starts from the saved weights, the optimizers afresh."""
+    from conftest import tiny_backbone
+
+    tiny_backbone(IMAGE_SHAPE).save_weights(tmp_path / "tiny.weights.h5")
+    base = dict(backbone="conftest:tiny_backbone", num_classes=4, init_backbone=str(tmp_path / "tiny.weights.h5"))
+    first = train.build_model(tiny_config(tmp_path / "a", data_dir, freeze_backbone=True, ce_weight=0.0, **base))
+    for weight in first.grid_head.weights + first.xcos.weights:
+        weight.assign(np.random.default_rng(0).normal(size=weight.shape).astype("float32"))
+    first.save(tmp_path / "first.keras")
+    config = tiny_config(tmp_path / "b", data_dir, ce_weight=0.0, backbone_lr_multiplier=0.1,
+                         init_from=str(tmp_path / "first.keras"), **base)
+    config.validate()
+    second = train.build_model(config)
+    assert second.backbone.trainable_weights  # fine-tuned now
+    for part in ("backbone", "grid_head", "xcos"):
+        for copied, saved in zip(getattr(second, part).weights, getattr(first, part).weights):
+            np.testing.assert_array_equal(copied.numpy(), saved.numpy(), err_msg=part)
+    with pytest.raises(train.ConfigError, match="--init_from"):
+        dataclasses.replace(config, init_from=str(tmp_path / "missing.keras")).validate()
+    with pytest.raises(train.ConfigError, match="grid_head .* does not match"):
+        train.build_model(dataclasses.replace(config, grid_channels=4))
+
+
 def test_init_backbone_from_the_onnx_teacher(tmp_path, data_dir, shared_dir):
     config = tiny_config(tmp_path, data_dir, image_size=112,
                          init_backbone="onnx:" + str(shared_dir / "models" / "teacher_mobilefacenet.onnx"))

@@ -88,6 +88,13 @@ _INIT_BACKBONE = flags.DEFINE_string(
 _ONNX_FEATURE_MAP = flags.DEFINE_string(
     "onnx_feature_map", "", "With --init_backbone=onnx:PATH, the node whose output is the feature map (default: auto)."
 )
+_INIT_FROM = flags.DEFINE_string(
+    "init_from",
+    "",
+    "A trained XCosTrainer (.keras, e.g. an earlier run's best.keras) to start from: its backbone, grid head "
+    "and attention weights (margin head too when both have one); optimizers start afresh. For fine-tuning "
+    "a backbone under a head trained on cached features.",
+)
 _FREEZE_BACKBONE = flags.DEFINE_bool("freeze_backbone", False, "Train only the grid head, attention and margin head.")
 _BACKBONE_LR_MULTIPLIER = flags.DEFINE_float(
     "backbone_lr_multiplier", 1.0, "Learning rate of the backbone relative to --learning_rate.", lower_bound=0.0
@@ -200,6 +207,7 @@ class TrainConfig:
     backbone: str = "mobilefacenet"
     init_backbone: str = ""
     onnx_feature_map: str = ""
+    init_from: str = ""
     freeze_backbone: bool = False
     backbone_lr_multiplier: float = 1.0
     grid_channels: int = 32
@@ -277,6 +285,8 @@ class TrainConfig:
                 )
             if not os.path.isfile(path):
                 raise ConfigError("init_backbone", f"no such file: {path!r}")
+        if self.init_from and not (self.init_from.endswith(".keras") and os.path.isfile(self.init_from)):
+            raise ConfigError("init_from", f"expected an existing XCosTrainer .keras file. Received: {self.init_from!r}")
         if self.freeze_backbone and self.backbone_lr_multiplier != 1.0:
             raise ConfigError("backbone_lr_multiplier", "has no effect with --freeze_backbone; leave it at 1")
         if self.teacher:
@@ -430,6 +440,8 @@ def build_model(config, num_replicas=1):
         ce_weight=config.ce_weight,
         xcos_weight=config.xcos_weight,
     )
+    if config.init_from:
+        _copy_trained_weights(config.init_from, trainer)
     lr_factor = num_replicas if config.lr_scaling == "linear" else 1
     optimizer = _make_optimizer(config, config.optimizer, config.learning_rate * lr_factor)
     attention_optimizer = None
@@ -444,6 +456,26 @@ def build_model(config, num_replicas=1):
     for group_optimizer, variables in trainer.optimizer_groups():
         group_optimizer.build(variables)  # the slots must exist before a checkpoint restores them
     return trainer
+
+
+def _copy_trained_weights(path, trainer):
+    """--init_from: the weights of a saved XCosTrainer's parts, each checked against this run's."""
+    source = keras.saving.load_model(path, compile=False)
+    if not isinstance(source, xcos_model.XCosTrainer):
+        raise ConfigError("init_from", f"{path!r} holds a {type(source).__name__}, not an XCosTrainer")
+    for part in ("backbone", "grid_head", "xcos", "margin_head"):
+        source_part, target_part = getattr(source, part), getattr(trainer, part)
+        if source_part is None or target_part is None:
+            continue  # a margin head exists only with a CE term
+        # Weight order follows `trainable`, so both sides list theirs in the same mode.
+        source_part.trainable = target_part.trainable
+        source_weights, target_weights = source_part.weights, target_part.weights
+        shapes = [tuple(w.shape) for w in source_weights]
+        if shapes != [tuple(w.shape) for w in target_weights]:
+            raise ConfigError("init_from", f"the {part} in {path!r} does not match this run's {part} (weight shapes differ)")
+        for source_weight, target_weight in zip(source_weights, target_weights):
+            target_weight.assign(source_weight)
+    logging.info("Started from the weights in %s.", path)
 
 
 def _make_optimizer(config, name, learning_rate):
