@@ -77,13 +77,6 @@ def test_read_upload_refuses_too_many_pixels_before_decoding(tmp_path, monkeypat
         demo.read_upload(str(path), "photo A (huge.png)", max_bytes=demo.MB)
 
 
-def test_shrink_keeps_the_aspect_and_leaves_small_photos_alone():
-    photo = np.zeros((1000, 3000, 3), np.uint8)
-    assert demo.shrink(photo, max_side=600).shape == (200, 600, 3)
-    crop = np.zeros((112, 112, 3), np.uint8)
-    assert demo.shrink(crop, max_side=600) is crop
-
-
 def test_summary_reads_decision_score_and_notes():
     result = {"score": 0.61234, "threshold": 0.3, "decision": "same", "notes": ["photo B: 3 faces found"]}
     assert demo.summary_markdown(result) == (
@@ -112,7 +105,8 @@ def test_compare_uploads_finds_the_face_in_a_large_close_up(shared_dir, tmp_path
 
     from xcos_tf.data import align
 
-    # Scaled to 1600 px the face is too large for YuNet (no face found); the demo shrinks first.
+    # Scaled to 1600 px the face is too large for YuNet (no face found); detection runs on a
+    # copy of at most explain.DETECTION_MAX_SIDE px, alignment on the full-resolution photo.
     face = align.read_image(shared_dir / "data" / "lfw" / "images" / "AJ_Cook" / "AJ_Cook_0001.jpg")
     path = tmp_path / "close_up.jpg"
     close_up = cv2.resize(face, (1600, 1600), interpolation=cv2.INTER_CUBIC)

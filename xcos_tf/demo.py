@@ -9,7 +9,8 @@ exported model, and explained with `xcos_tf.explain.render_explanation`.
 What the page accepts and where things go:
 - Uploads: JPEG, PNG, WebP or BMP, at most `--max_upload_mb` (10 MB) and 50 megapixels. A wrong
   type, a corrupt or truncated file, a photo without a face, or a too large file gives a message
-  on the page. Photos are shrunk to 640 px on the longer side before face detection.
+  on the page. Faces are searched for on a copy of at most 640 px on the longer side (YuNet
+  misses faces that fill a large photo) and aligned from the full-resolution photo.
 - Files: Gradio's upload cache and the rendered pictures live in one `tempfile.mkdtemp` folder,
   deleted when the server stops (Ctrl-C or SIGTERM). The demo writes nothing else (the
   libraries keep their usual per-user caches, e.g. Matplotlib's font list).
@@ -34,10 +35,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MAX_UPLOAD_MB = 10
 MB = 2**20  # Gradio's "mb" in `max_file_size`: its own size message then says the same number
 MAX_MEGAPIXELS = 50  # a small compressed file can hold a huge image: refused before decoding
-# Photos are shrunk to this longer side before detection: YuNet misses faces that fill a large
-# photo (measured: an LFW close-up scaled to 1600 px: no face; at 640 px: found, score 0.90; at
-# 900 px: 0.72), and detection time grows with the pixel count. The 112x112 crop loses nothing.
-DETECTION_MAX_SIDE = 640
 TITLE = "xCos: explainable face verification"
 
 class UploadError(ValueError):
@@ -83,15 +80,6 @@ def _check_pixel_count(path, name):
         )
 
 
-def shrink(image, max_side=DETECTION_MAX_SIDE):
-    """Scales an RGB image down to a longer side of at most `max_side`; smaller ones unchanged."""
-    height, width = image.shape[:2]
-    scale = max_side / max(height, width)
-    if scale >= 1.0:
-        return image
-    return cv2.resize(image, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
-
-
 def summary_markdown(result):
     """The verdict line and any notes (several faces found, crop used as is) as Markdown."""
     score, threshold = result["score"], result["threshold"]
@@ -117,7 +105,7 @@ def compare_uploads(upload_a, upload_b, runtime_model, aligner, max_bytes):
         # The cached path keeps the uploaded file's name; the page names files as the user does.
         name = f"{label} ({upload.get('orig_name') or os.path.basename(upload['path'])})"
         try:
-            photo = shrink(read_upload(upload["path"], name, max_bytes))
+            photo = read_upload(upload["path"], name, max_bytes)
             face, note = explain.align_photo(photo, name, aligner)
         except align.FaceError as err:
             raise UploadError(f"{err}: use a photo where a face is clearly visible") from None
