@@ -5,7 +5,7 @@ The shipped model's threshold is chosen on pairs of held-out training people
 `python -m xcos_tf.export --threshold=T --far=F`:
 
     python -m tools.choose_threshold --weights=runs/default/best.keras \
-        --pairs=/work/cache/default_data/holdout_pairs --far=1e-3
+        --pairs=shards/default/holdout_pairs --far=1e-3
 
 Prints one JSON line: threshold, the false-accept and true-accept rates at it, the pairs used.
 """

@@ -14,7 +14,7 @@ Writes, into --out_dir:
   the ArcFace template and the face fills them, so shard it with `make_shards --unlabelled
   --detect_padding=24` (detection on a black border instead of taking them as aligned crops).
 
-    python -m tools.make_default_lists --data_root=../shared/data --out_dir=/work/cache/default_data
+    python -m tools.make_default_lists --data_root=../shared/data --out_dir=shards/default
 """
 import collections
 import os

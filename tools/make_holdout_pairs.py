@@ -8,8 +8,8 @@ seed, and writes them in the evaluation pair-shard format (`pipeline.eval_pair_d
 `python -m xcos_tf.evaluate`), reusing the faces' aligned crops and teacher embeddings.
 Folds follow people: every pair is in the fold of its first person.
 
-    python -m tools.make_holdout_pairs --faces=/work/cache/default_data/holdout_faces \
-        --out_dir=/work/cache/default_data/holdout_pairs --num_pairs=3000
+    python -m tools.make_holdout_pairs --faces=shards/default/holdout_faces \
+        --out_dir=shards/default/holdout_pairs --num_pairs=3000
 """
 import collections
 import os
