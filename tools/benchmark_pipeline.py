@@ -34,9 +34,6 @@ _WARMUP = flags.DEFINE_integer("warmup_batches", 20, "Batches before timing (fil
 _BATCHES = flags.DEFINE_integer("batches", 100, "Timed batches.")
 _SHUFFLE_BUFFER = flags.DEFINE_integer("shuffle_buffer", 10_000, "Records per shuffle buffer.")
 
-# The lead's figure for one MobileFaceNet training step on this machine (not measured here).
-MOBILEFACENET_TRAIN_IMAGES_PER_SECOND = 35.0
-
 
 def _make_real_shards(out_dir):
     from xcos_tf.data import shard_writer
@@ -94,8 +91,7 @@ def main(argv):
         seconds = _measure(dataset, _WARMUP.value, _BATCHES.value)
         pairs_per_second = _BATCHES.value * _BATCH_SIZE.value / seconds
         print(f"  {name:48s} {pairs_per_second:8.0f} pairs/s  ({2 * pairs_per_second:.0f} images/s)")
-    print(f"for comparison: MobileFaceNet training ~{MOBILEFACENET_TRAIN_IMAGES_PER_SECOND:.0f} images/s here "
-          "(the lead's figure, not measured by this script)")
+    print("compare with the training step's rate: python tools/benchmark_training.py")
 
 
 if __name__ == "__main__":
