@@ -144,13 +144,18 @@ def _manifests_for(files):
     return {folder: records.read_manifest(folder) for folder in sorted({os.path.dirname(f) for f in files})}
 
 
+def _is_unlabelled_run(manifest):
+    """A make_shards --unlabelled run (faces without identities): it has no label space to clash."""
+    return bool(manifest) and manifest.get("kind") == "faces" and (
+        manifest.get("num_unlabelled", 0) >= manifest.get("num_records", 0))
+
+
 def _num_classes_from_manifests(manifests, labels):
-    face_manifests = [m for m in manifests.values() if m and m.get("kind") == "faces"]
-    # A run of faces without identities (make_shards --unlabelled) has no label space to clash.
-    labelled = [m for m in face_manifests if m.get("num_unlabelled", 0) < m.get("num_records", 0)]
-    if len(manifests) - (len(face_manifests) - len(labelled)) > 1 and labelled:
+    label_spaces = {folder: m for folder, m in manifests.items() if not _is_unlabelled_run(m)}
+    labelled = [m for m in label_spaces.values() if m and m.get("kind") == "faces"]
+    if len(label_spaces) > 1 and labelled:
         raise ValueError(
-            f"Shards from several make_shards runs ({sorted(manifests)}) have separate label "
+            f"Shards from several make_shards runs ({sorted(label_spaces)}) have separate label "
             "spaces. Write all training sources in one run (a list file with one label per "
             "identity), or pass num_classes when the labels are known to be shared."
         )
