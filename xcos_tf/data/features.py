@@ -15,6 +15,7 @@ sampler as the image pipeline (`pipeline.sample_pairs`) and yields
 which `XCosTrainer` takes in place of `image_a`/`image_b`. `eval_feature_pairs` loads pair
 feature shards as numpy arrays for fast evaluation.
 """
+import functools
 import hashlib
 import os
 
@@ -311,9 +312,20 @@ def feature_pair_dataset(cache_dirs, batch_size, same_fraction=0.5, flip=True, s
 
 
 def _labels_of(path):
+    # train.py builds the dataset anew every epoch; a written cache shard never changes.
+    stat = os.stat(path)
+    return _read_labels(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _read_labels(path, size, mtime_ns):
+    """Labels of a face feature shard (`size` and `mtime_ns` key the cache), read-only."""
+    del size, mtime_ns
     feature = {FEATURE_FACE_KEYS["label"]: tf.io.FixedLenFeature([], tf.int64)}
     dataset = tf.data.TFRecordDataset(path).batch(1024).map(lambda s: tf.io.parse_example(s, feature))
-    return np.concatenate([b[FEATURE_FACE_KEYS["label"]].numpy() for b in dataset])
+    labels = np.concatenate([b[FEATURE_FACE_KEYS["label"]].numpy() for b in dataset])
+    labels.flags.writeable = False
+    return labels
 
 
 def eval_feature_pairs(cache_dir, max_pairs=0):
