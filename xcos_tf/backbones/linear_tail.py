@@ -23,7 +23,6 @@ import pathlib
 
 import numpy as np
 import onnx
-import onnxruntime
 from onnx import helper, numpy_helper
 
 from xcos_tf.backbones import common, onnx_import
@@ -168,6 +167,8 @@ def _tail_nodes(graph, map_name, output):
 
 def _tail_session(model, nodes, map_name, map_shape):
     """An onnxruntime session of the tail alone, from the map to every tensor of the tail."""
+    import onnxruntime  # only when a tail is read: importing xcos_tf.backbones stays light
+
     used = {name for node in nodes for name in node.input}
     graph = helper.make_graph(
         nodes,
