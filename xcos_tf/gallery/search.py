@@ -11,6 +11,7 @@ hits = gallery.search("probe.jpg", top=5)
 hits[0]["identity"], hits[0]["photo"], hits[0]["score"], hits[0]["cos_map"], hits[0]["attention_map"]
 ```
 """
+import logging
 import os
 
 import numpy as np
@@ -18,9 +19,17 @@ import numpy as np
 from xcos_tf.gallery import index as index_lib
 
 SHORTLIST = 100
-EXACT_LIMIT = 1000  # measured: comparing 1000 grids takes a few ms (docs/gallery.md)
+EXACT_LIMIT = 1000  # re-ranking 1000 grids whole: about 0.2 s with onnxruntime on 2 vCPUs (docs/gallery.md)
 COMPARE_BATCH = 1024
 INDEX_TYPES = ("flat", "sq8")
+
+
+def import_faiss():
+    """faiss, without its loader's INFO lines ("Loading faiss with AVX2 support", ...)."""
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    import faiss
+
+    return faiss
 
 
 def build_faiss_index(embeddings, index_type="flat"):
@@ -29,8 +38,7 @@ def build_faiss_index(embeddings, index_type="flat"):
     `flat` keeps the float32 vectors (exact, 4*D bytes per face); `sq8` an 8-bit scalar
     quantisation (D bytes per face, trained on the vectors themselves) for large galleries.
     """
-    import faiss
-
+    faiss = import_faiss()
     if index_type not in INDEX_TYPES:
         raise ValueError(f"`index_type` must be one of {INDEX_TYPES}. Received: index_type={index_type!r}")
     dimension = embeddings.shape[1]
