@@ -86,3 +86,30 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
     assert len(captured.err.strip().splitlines()) == 1
     code, captured = _run(capsys, str(REQUEST), "--model", str(tmp_path))
     assert code == 2 and "neither a SavedModel folder" in captured.err
+
+
+def test_grpc_route_builds_the_predict_request_and_names_an_absent_server(capsys, monkeypatch):
+    pytest.importorskip("tensorflow_serving", reason="needs tensorflow-serving-api")
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    sent = {}
+
+    class Stub:  # stands in for a running TF Serving: records the request, answers like it
+        def __init__(self, channel):
+            del channel
+
+        def Predict(self, request, timeout):  # noqa: N802 (gRPC's method name)
+            sent["request"] = request
+            reply = type("Reply", (), {"outputs": {"score": tf.make_tensor_proto(np.array([0.25], np.float32))}})
+            return reply
+
+    monkeypatch.setattr(prediction_service_pb2_grpc, "PredictionServiceStub", Stub)
+    check.main(["check_serving_request.py", str(REQUEST), "--model", str(MODEL_DIR), "--grpc", "localhost:1"])
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == {"predictions": [{"score": 0.25}]}
+    request = sent["request"]
+    assert (request.model_spec.name, request.model_spec.signature_name) == ("xcos", "verify")
+    assert tf.make_ndarray(request.inputs["image_a"]).shape == (1, 112, 112, 3)
+    monkeypatch.undo()  # the real client, against a closed port
+    code, captured = _run(capsys, str(REQUEST), "--model", str(MODEL_DIR), "--grpc", "127.0.0.1:1")
+    assert code == 2 and "--grpc 127.0.0.1:1: UNAVAILABLE" in captured.err

@@ -1,6 +1,7 @@
 """Check a TF Serving REST request against a SavedModel's signatures, then run it locally.
 
     python tools/check_serving_request.py exported/default/tf_serving_request.json --model exported/default
+    python tools/check_serving_request.py REQUEST.json --model exported/default --grpc localhost:8500 [--model_name xcos]
 
 `--model` is a SavedModel folder (with saved_model.pb) or an export folder (its manifest names the
 SavedModel). The request is TF Serving's predict body: row form `{"signature_name": ...,
@@ -11,6 +12,10 @@ the input names are exactly the signature's, every value is a rectangular array 
 fits the input's dtype (integers in range, finite floats) and its shape matches the signature's.
 Then the request runs through `tf.saved_model.load` and the outputs are printed as TF Serving
 would answer (`predictions` for the row form, `outputs` for the columnar form).
+
+With `--grpc HOST:PORT` the checked request goes to a running TF Serving instead, as
+tensorflow-serving-api's `PredictRequest` (`pip install tensorflow-serving-api`, same version as
+tensorflow), and its answer is printed the same way.
 
 Bad input: one line on stderr, exit code 2. The check needs no server: run it before deploying.
 """
@@ -120,12 +125,48 @@ def response(outputs, form):
     return {"predictions": [{name: value[i].tolist() for name, value in rounded.items()} for i in range(count)]}
 
 
+def parse_args(argv):
+    """REQUEST --model DIR [--grpc HOST:PORT] [--model_name NAME] -> dict; one-line usage error otherwise."""
+    usage = ("usage: python tools/check_serving_request.py REQUEST.json --model SAVED_MODEL_OR_EXPORT_DIR "
+             "[--grpc HOST:PORT] [--model_name xcos]")
+    args, rest = {"grpc": None, "model_name": "xcos"}, list(argv[1:])
+    while rest:
+        item = rest.pop(0)
+        if item.startswith("--"):
+            name, _, value = item[2:].partition("=")
+            if name not in ("model", "grpc", "model_name") or not (value or rest):
+                fail(f"{item}: unknown or empty option; {usage}")
+            args[name] = value or rest.pop(0)
+        elif "request" in args:
+            fail(f"one request file only; {usage}")
+        else:
+            args["request"] = item
+    if "request" not in args or "model" not in args:
+        fail(usage)
+    return args
+
+
+def grpc_predict(target, model_name, signature, arrays, timeout=60.0):
+    """Sends the checked inputs to a running TF Serving as a gRPC `PredictRequest`; its outputs as numpy."""
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model_name
+    request.model_spec.signature_name = signature
+    for name, array in arrays.items():
+        request.inputs[name].CopyFrom(tf.make_tensor_proto(array))
+    with grpc.insecure_channel(target) as channel:
+        reply = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=timeout)
+    return {name: tf.make_ndarray(proto) for name, proto in reply.outputs.items()}
+
+
 def main(argv):
-    if len(argv) != 4 or argv[2] != "--model":
-        fail("usage: python tools/check_serving_request.py REQUEST.json --model SAVED_MODEL_OR_EXPORT_DIR")
+    args = parse_args(argv)
     try:
-        signature, values, form = read_request(argv[1])
-        path = saved_model_path(argv[3])
+        signature, values, form = read_request(args["request"])
+        path = saved_model_path(args["model"])
     except RequestError as err:
         fail(str(err))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # no start-up lines before the answer
@@ -134,7 +175,7 @@ def main(argv):
     try:
         loaded = tf.saved_model.load(path)
     except Exception as err:  # a damaged folder: any engine error
-        fail(f"--model {argv[3]}: not a loadable SavedModel ({type(err).__name__})")
+        fail(f"--model {args['model']}: not a loadable SavedModel ({type(err).__name__})")
     if signature not in loaded.signatures:
         fail(f"the request names signature `{signature}`; {path} has: {', '.join(sorted(loaded.signatures))}")
     function = loaded.signatures[signature]
@@ -143,9 +184,20 @@ def main(argv):
     except RequestError as err:
         fail(str(err))
     shapes = ", ".join(f"{name} {array.dtype.name} {list(array.shape)}" for name, array in arrays.items())
-    print(f"ok: the request matches signature `{signature}` ({shapes}); its outputs:", file=sys.stderr)
-    outputs = function(**{name: tf.constant(array) for name, array in arrays.items()})
-    print(json.dumps(response({name: value.numpy() for name, value in outputs.items()}, form)))
+    where = f"TF Serving at {args['grpc']} (gRPC)" if args["grpc"] else "the local SavedModel"
+    print(f"ok: the request matches signature `{signature}` ({shapes}); outputs from {where}:", file=sys.stderr)
+    if args["grpc"]:
+        import grpc
+
+        try:
+            outputs = grpc_predict(args["grpc"], args["model_name"], signature, arrays)
+        except grpc.RpcError as err:
+            details = (err.details() or "").splitlines()
+            fail(f"--grpc {args['grpc']}: {err.code().name}: {details[0] if details else 'no details'}")
+    else:
+        outputs = {name: value.numpy() for name, value in
+                   function(**{name: tf.constant(array) for name, array in arrays.items()}).items()}
+    print(json.dumps(response(outputs, form)))
 
 
 if __name__ == "__main__":
