@@ -120,3 +120,22 @@ def test_command_line_errors_are_one_line(args, message):
     result = _gallery_cli(*args)
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_demo_search_tab(model, people, tmp_path):
+    from xcos_tf import demo
+    from xcos_tf.gallery import demo_tab
+
+    enroll.enroll(model, str(MODEL_DIR), people, tmp_path / "index", progress=False)
+    found = gallery.Gallery.open(tmp_path / "index", model=model)
+    read = lambda path, name: demo.read_upload(path, name, 2**20)  # noqa: E731 (the demo's own reader)
+    markdown, drawn = demo_tab.search_upload({"path": str(CROPS / "B.png"), "orig_name": "B.png"}, found, read)
+    assert "1. **person_ab**" in markdown and "3 enrolled faces" in markdown
+    assert drawn.ndim == 3 and drawn.shape[0] == 3 * 260  # one 2.6-inch row per hit
+    with pytest.raises(ValueError, match="no photo"):
+        demo_tab.search_upload(None, found, read)
+    with pytest.raises(demo.UploadError, match="file type .txt"):
+        demo_tab.search_upload({"path": str(tmp_path / "x.txt"), "orig_name": "x.txt"}, found, read)
+    pytest.importorskip("gradio", reason='needs Gradio: pip install "xcos_tf[demo]"')
+    page = demo.build_demo(model.runtime, None, gallery=found)
+    assert any(getattr(block, "label", None) == "Search the gallery" for block in page.blocks.values())

@@ -112,10 +112,7 @@ def run_search(argv, args):
     found, drawn = _search_probes(gallery, probes, args.top.value, single=not os.path.isdir(argv[2]))
     if args.out.value:
         try:
-            # Each hit's aligned face, from its enrolled photo (the index keeps no pictures).
-            drawn = [(label, face, [dict(hit, face=model.align(hit["photo"], label=hit["photo"])[0]) for hit in hits])
-                     for label, face, hits in drawn]
-            picture.save_search_picture(args.out.value, drawn, threshold=model.threshold)
+            picture.save_search_picture(args.out.value, picture.with_faces(model, drawn), threshold=model.threshold)
         except (OSError, ValueError) as err:
             explain.exit_with_error(f"--out: {err}")
     if args.json.value:

@@ -37,13 +37,24 @@ def search_figure(results, threshold=None):
     return figure
 
 
+def render_search(results, threshold=None):
+    """`search_figure` drawn: RGB uint8 [H, W, 3]."""
+    figure = search_figure(results, threshold)
+    figure.canvas.draw()
+    return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+
+
 def save_search_picture(path, results, threshold=None):
     """Draws `search_figure` and writes it as a PNG at `path`; returns the RGB uint8 picture."""
     import cv2
 
-    figure = search_figure(results, threshold)
-    figure.canvas.draw()
-    picture = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    picture = render_search(results, threshold)
     if not cv2.imwrite(os.fspath(path), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)):
         raise OSError(f"could not write the picture to {os.fspath(path)!r}")
     return picture
+
+
+def with_faces(model, results):
+    """`results` with each hit's aligned face, from its enrolled photo (the index keeps no pictures)."""
+    return [(label, face, [dict(hit, face=model.align(hit["photo"], label=hit["photo"])[0]) for hit in hits])
+            for label, face, hits in results]
