@@ -185,7 +185,7 @@ def main(argv):
         fail(str(err))
     shapes = ", ".join(f"{name} {array.dtype.name} {list(array.shape)}" for name, array in arrays.items())
     where = f"TF Serving at {args['grpc']} (gRPC)" if args["grpc"] else "the local SavedModel"
-    print(f"ok: the request matches signature `{signature}` ({shapes}); outputs from {where}:", file=sys.stderr)
+    print(f"ok: the request matches signature `{signature}` ({shapes}); running it on {where}", file=sys.stderr)
     if args["grpc"]:
         import grpc
 
