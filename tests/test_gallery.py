@@ -86,6 +86,9 @@ def test_another_models_gallery_is_refused(model, people, tmp_path):
         gallery.Gallery.open(tmp_path / "index", model=model)
     with pytest.raises(index.GalleryError, match="not a gallery index"):
         index.open_index(tmp_path)
+    with pytest.raises(index.GalleryError, match="exists and is not a gallery index"):
+        enroll.enroll(model, str(MODEL_DIR), people, people, progress=False)  # never replaces the photos
+    assert (people / "person_c" / "C.png").is_file()
 
 
 def _gallery_cli(*args):

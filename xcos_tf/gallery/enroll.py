@@ -76,6 +76,7 @@ def enroll(model, model_dir, images_dir, index_dir, progress=True):
         dict: `added` (faces), `rejected` (new rejects), `skipped` (already in the index),
         `entries` (faces in the index now), `rejects` (the new rejects, `{"photo", "reason"}`).
     """
+    index_lib.check_replaceable(index_dir)
     fingerprint = index_lib.model_fingerprint(model.runtime.manifest)
     if os.path.exists(os.path.join(os.fspath(index_dir), index_lib.MANIFEST)):
         data = index_lib.open_index(index_dir, mmap=False)

@@ -87,9 +87,20 @@ def _write_json(path, value):
         json.dump(value, f, indent=1)
 
 
+def check_replaceable(index_dir):
+    """The absolute path of `index_dir` if a save may replace it: absent, empty, or a gallery index.
+
+    A save replaces the old folder wholesale, so never someone's other folder or file."""
+    index_dir = os.path.abspath(os.fspath(index_dir))
+    if os.path.exists(index_dir) and not os.path.isfile(os.path.join(index_dir, MANIFEST)) and (
+            not os.path.isdir(index_dir) or os.listdir(index_dir)):
+        raise GalleryError(f"{index_dir} exists and is not a gallery index: choose a new or empty folder")
+    return index_dir
+
+
 def save(data, index_dir):
     """Writes `data` as the folder `index_dir`, staged (see the module docstring)."""
-    index_dir = os.path.abspath(os.fspath(index_dir))
+    index_dir = check_replaceable(index_dir)
     parent = os.path.dirname(index_dir)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(index_dir)}.staging-", dir=parent)
