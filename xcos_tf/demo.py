@@ -119,8 +119,10 @@ def compare_uploads(upload_a, upload_b, runtime_model, aligner, max_bytes):
     return summary_markdown(result), picture
 
 
-def build_demo(runtime_model, aligner, max_bytes=MAX_UPLOAD_MB * MB, model_label=""):
-    """The Gradio page (a `gr.Blocks`, not launched). Import gradio only after GRADIO_TEMP_DIR is set."""
+def build_demo(runtime_model, aligner, max_bytes=MAX_UPLOAD_MB * MB, model_label="", gallery=None):
+    """The Gradio page (a `gr.Blocks`, not launched). Import gradio only after GRADIO_TEMP_DIR is set.
+
+    `gallery`: an `xcos_tf.gallery.Gallery`, searched in a tab of its own (`--gallery INDEX`)."""
     import gradio as gr
 
     def on_compare(upload_a, upload_b):
@@ -158,6 +160,11 @@ def build_demo(runtime_model, aligner, max_bytes=MAX_UPLOAD_MB * MB, model_label
         compare.click(on_compare, inputs=photo_inputs, outputs=[summary, picture], preprocess=False)
         for photo in photo_inputs:  # a stale result must not look like the answer for new photos
             photo.change(lambda: ("", None), outputs=[summary, picture])
+        if gallery is not None:
+            from xcos_tf.gallery import demo_tab
+
+            demo_tab.search_tab(gallery, lambda path, name: read_upload(path, name, max_bytes),
+                                lambda message: gr.Error(message, duration=20, print_exception=False))
     return demo
 
 
@@ -180,6 +187,8 @@ def define_flags():
             "host", "127.0.0.1", "Address to listen on (0.0.0.0 exposes the page to the network)."
         ),
         port=flags.DEFINE_integer("port", 7860, "Port to listen on.", lower_bound=1, upper_bound=65535),
+        gallery=flags.DEFINE_string("gallery", None, "A gallery index (`python -m xcos_tf.gallery enroll`): "
+                                    "adds a tab that searches it."),
         max_upload_mb=flags.DEFINE_integer(
             "max_upload_mb", MAX_UPLOAD_MB, "Largest accepted photo, in MB.", lower_bound=1
         ),
@@ -210,9 +219,18 @@ def main(argv, args):
             runtime_model = runtime.load(args.model.value, format=args.format.value)
         except (OSError, ValueError) as err:
             _fail(f"--model {args.model.value} --format {args.format.value}", err)
+        gallery = None
+        if args.gallery.value:
+            from xcos_tf import api, gallery as gallery_lib
+
+            try:
+                gallery = gallery_lib.Gallery.open(args.gallery.value,
+                                                   model=api.FaceModel(runtime_model, args.detector.value))
+            except (OSError, ValueError) as err:
+                _fail(f"--gallery {args.gallery.value}", err)
         demo = build_demo(
             runtime_model, aligner, max_bytes=args.max_upload_mb.value * MB,
-            model_label=_model_label(runtime_model, args.model.value, args.format.value),
+            model_label=_model_label(runtime_model, args.model.value, args.format.value), gallery=gallery,
         )
         try:
             demo.launch(

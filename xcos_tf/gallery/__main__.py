@@ -1,0 +1,3 @@
+from xcos_tf.gallery import cli
+
+cli.run()
