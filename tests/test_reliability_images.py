@@ -109,6 +109,16 @@ def test_a_header_that_lies_about_the_size_is_refused():
         image_io.decode_image(bytes(data), name="liar.png")
 
 
+def test_exif_rotated_jpeg_is_read_turned():
+    """A phone photo stored landscape with EXIF orientation 6 (turn 90 degrees clockwise)."""
+    data = cv2.imencode(".jpg", np.zeros((20, 40, 3), np.uint8))[1].tobytes()
+    tiff = b"MM\0\x2a" + struct.pack(">IH", 8, 1) + struct.pack(">HHIHH", 0x0112, 3, 1, 6, 0) + b"\0\0\0\0"
+    exif = b"Exif\0\0" + tiff
+    rotated = data[:2] + b"\xff\xe1" + struct.pack(">H", len(exif) + 2) + exif + data[2:]
+    assert image_io.image_header(rotated) == ("jpeg", 40, 20)
+    assert image_io.decode_image(rotated).shape == (40, 20, 3)
+
+
 # === The limit in every entry point ===
 
 def test_demo_refuses_an_oversized_upload(tmp_path):

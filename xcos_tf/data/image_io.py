@@ -153,7 +153,9 @@ def decode_image(data, name="<bytes>", max_pixels=MAX_PIXELS):
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None or image.size == 0:
         raise ImageError(f"{name}: not a decodable image ({len(data)} bytes)")
-    if image.shape[:2] != (height, width):  # the decoder read another size than the header said
+    # The decoder must read the header's size; OpenCV turns a JPEG by its EXIF orientation
+    # (a phone photo taken upright), which swaps the two.
+    if image.shape[:2] not in ((height, width), (width, height)):
         raise ImageError(f"{name}: header says {width}x{height} pixels, the data {image.shape[1]}x{image.shape[0]}")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
