@@ -200,6 +200,7 @@ def test_explain_json_never_prints_nan(model_copy):
         (lambda m: m.update(formats=["tflite"]), "`formats` must be an object"),
         (lambda m: m["model"].pop("grid_shape"), "`model.grid_shape` must be a list"),
         (lambda m: m["formats"]["tflite"].pop("path"), "`formats.tflite.path` must be a path"),
+        (lambda m: m["formats"].update(onnx="xcos.onnx"), "`formats.onnx` must be an object"),
     ],
 )
 def test_bad_manifest_fields_are_named(model_copy, change, message):
@@ -210,6 +211,14 @@ def test_bad_manifest_fields_are_named(model_copy, change, message):
     with pytest.raises(manifest_check.ManifestError, match=message) as error:
         runtime.load(str(model_copy), format="tflite")
     assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_format_this_runtime_does_not_know_is_left_alone(model_copy):
+    path = model_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["formats"]["coreml"] = {"path": "xcos.mlpackage"}  # e.g. from a newer export
+    path.write_text(json.dumps(manifest))
+    assert runtime.load(str(model_copy), format="tflite").threshold == manifest["threshold"]
 
 
 def test_nan_threshold_in_the_manifest_is_refused(model_copy):

@@ -47,8 +47,8 @@ def _shape(manifest, keys, length, allow_none_first=False):
 def check_manifest(manifest):
     """Raises `ManifestError` naming the first field `runtime.load` needs that is missing or wrong.
 
-    Fields: `formats` (a dict of known formats, each a dict with its `path`, or for ONNX its
-    `signatures` files), `threshold` (null, or a finite
+    Fields: `formats` (a dict; each known format's entry a dict with its `path`, or for ONNX its
+    `signatures` files; other names are left alone), `threshold` (null, or a finite
     number in [-1, 1]: the score is a weighted cosine), `input.shape` [null, H, W, 3] and
     `model.grid_shape` [h, w, C]. Returns the manifest.
     """
@@ -58,8 +58,10 @@ def check_manifest(manifest):
     if not isinstance(formats, dict) or not formats:
         raise ManifestError(f"manifest `formats` must be an object naming the exported formats. Received: {formats!r}")
     for name, entry in formats.items():
-        if name not in KNOWN_FORMATS or not isinstance(entry, dict):
-            raise ManifestError(f"manifest `formats.{name}`: not a known format with its files. Received: {entry!r}")
+        if name not in KNOWN_FORMATS:
+            continue  # a format of a newer export: this runtime cannot run it, and need not
+        if not isinstance(entry, dict):
+            raise ManifestError(f"manifest `formats.{name}` must be an object naming its files. Received: {entry!r}")
         if name == "onnx":
             signatures = entry.get("signatures")
             if not isinstance(signatures, dict) or not all(isinstance(v, str) for v in signatures.values()):
