@@ -290,3 +290,18 @@ def test_explain_names_a_tampered_file_and_exits_2(model_copy):
     assert result.returncode == 2
     errors = _error_lines(result.stderr)
     assert len(errors) == 1 and "xcos_verify.onnx: " in errors[0] and "Traceback" not in result.stderr, result.stderr
+
+
+def test_tflite_verify_tool_reads_the_checked_threshold(model_copy):
+    sys.path.insert(0, ROOT)
+    try:
+        from tools import tflite_verify
+    finally:
+        sys.path.pop(0)
+    tflite = str(model_copy / "xcos.tflite")
+    assert tflite_verify.manifest_threshold(tflite) == json.loads((model_copy / "manifest.json").read_text())["threshold"]
+    manifest = json.loads((model_copy / "manifest.json").read_text())
+    manifest["threshold"] = "0.52"
+    (model_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(manifest_check.ManifestError, match="`threshold` must be null or a finite number"):
+        tflite_verify.manifest_threshold(tflite)
