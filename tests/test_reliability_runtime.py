@@ -305,3 +305,13 @@ def test_tflite_verify_tool_reads_the_checked_threshold(model_copy):
     (model_copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(manifest_check.ManifestError, match="`threshold` must be null or a finite number"):
         tflite_verify.manifest_threshold(tflite)
+
+
+def test_demo_never_renders_a_nan_score():
+    """The page's compare raises ModelOutputError (shown as the page's error message) instead of
+    drawing `score nan`; aligned crops need no face detector."""
+    from xcos_tf import demo
+
+    uploads = [{"path": os.path.join(ALIGNED, f"{n}.png"), "orig_name": f"{n}.png"} for n in "AB"]
+    with pytest.raises(runtime.ModelOutputError, match="returned NaN"):
+        demo.compare_uploads(*uploads, _NaNRuntime((112, 112, 3), (7, 7, 32)), aligner=None, max_bytes=demo.MB)
