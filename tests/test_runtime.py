@@ -160,7 +160,11 @@ def test_bad_grids_are_named(echo):
 def test_load_names_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a folder written by xcos_tf.export"):
         runtime.load(str(tmp_path))
-    (tmp_path / "manifest.json").write_text(json.dumps({"formats": {"saved_model": {"path": "saved_model/x/1"}}}))
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "formats": {"saved_model": {"path": "saved_model/x/1"}},
+        "input": {"shape": [None, 112, 112, 3]},
+        "model": {"grid_shape": [7, 7, 32]},
+    }))
     with pytest.raises(ValueError, match="has no onnx export; it has: saved_model"):
         runtime.load(str(tmp_path), format="onnx")
     with pytest.raises(ValueError, match="`format` must be one of"):

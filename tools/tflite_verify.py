@@ -40,12 +40,12 @@ def parse_args(argv):
 
 
 def manifest_threshold(model_path):
-    """The threshold recorded in the manifest.json beside the model, or None."""
-    manifest_path = os.path.join(os.path.dirname(os.path.abspath(model_path)), runtime.MANIFEST_FILE)
-    if not os.path.isfile(manifest_path):
+    """The threshold recorded in the manifest.json beside the model (checked: a string or NaN
+    is a ManifestError), or None."""
+    model_dir = os.path.dirname(os.path.abspath(model_path))
+    if not os.path.isfile(os.path.join(model_dir, runtime.MANIFEST_FILE)):
         return None
-    with open(manifest_path) as f:
-        return json.load(f).get("threshold")
+    return runtime.read_manifest(model_dir).get("threshold")
 
 
 def verify_photos(photo_a, photo_b, model, aligner):

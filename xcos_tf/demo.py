@@ -25,16 +25,15 @@ import tempfile
 import types
 
 import cv2
-import PIL.Image  # a matplotlib dependency: reads an image's size from its header alone
 from absl import app, flags
 
 from xcos_tf import explain, runtime  # runtime imports a format's engine only in load()
-from xcos_tf.data import align
+from xcos_tf.data import align, image_io
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MAX_UPLOAD_MB = 10
 MB = 2**20  # Gradio's "mb" in `max_file_size`: its own size message then says the same number
-MAX_MEGAPIXELS = 50  # a small compressed file can hold a huge image: refused before decoding
+MAX_MEGAPIXELS = image_io.MAX_PIXELS / 10**6  # a small file can hold a huge image: refused before decoding
 TITLE = "xCos: explainable face verification"
 
 class UploadError(ValueError):
@@ -57,27 +56,12 @@ def read_upload(path, name, max_bytes):
     size = os.path.getsize(path)
     if size > max_bytes:
         raise UploadError(f"{name}: {size / MB:.1f} MB is larger than the {max_bytes / MB:g} MB limit")
-    _check_pixel_count(path, name)
     with open(path, "rb") as f:
         data = f.read()
-    try:
-        return align.decode_image(data, name=name)
-    except align.ImageError as err:
+    try:  # the header is checked by content (type, pixel count) before anything is decoded
+        return image_io.decode_image(data, name=name, max_pixels=MAX_MEGAPIXELS * 10**6)
+    except image_io.ImageError as err:
         raise UploadError(str(err)) from None
-
-
-def _check_pixel_count(path, name):
-    try:
-        with PIL.Image.open(path) as image:
-            width, height = image.size
-    except PIL.Image.DecompressionBombError:  # Pillow's own limit, far above ours
-        raise UploadError(f"{name}: more than the {MAX_MEGAPIXELS} megapixel limit") from None
-    except (OSError, ValueError):
-        return  # not an image Pillow knows: decode_image names the problem
-    if width * height > MAX_MEGAPIXELS * 10**6:
-        raise UploadError(
-            f"{name}: {width}x{height} pixels is more than the {MAX_MEGAPIXELS} megapixel limit"
-        )
 
 
 def summary_markdown(result):
@@ -128,9 +112,9 @@ def build_demo(runtime_model, aligner, max_bytes=MAX_UPLOAD_MB * MB, model_label
     def on_compare(upload_a, upload_b):
         try:
             return compare_uploads(upload_a, upload_b, runtime_model, aligner, max_bytes)
-        except UploadError as err:
-            # A user's mistake, not a server fault: no traceback in the log. 20 s on screen, so
-            # that the message of an earlier try does not linger beside a newer one.
+        except (UploadError, runtime.ModelOutputError) as err:
+            # A user's mistake (or a broken model, named as such), not a crash: no traceback in
+            # the log. 20 s on screen, so that the message of an earlier try does not linger.
             raise gr.Error(str(err), duration=20, print_exception=False) from None
 
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
@@ -150,7 +134,7 @@ def build_demo(runtime_model, aligner, max_bytes=MAX_UPLOAD_MB * MB, model_label
                            buttons=["download", "fullscreen"], elem_id="explanation")
         gr.Markdown(
             f"Accepted: {', '.join(s[1:].upper() for s in IMAGE_SUFFIXES)} up to {max_bytes / MB:g} MB "
-            f"and {MAX_MEGAPIXELS} megapixels. Uploads stay in a temporary folder deleted when the "
+            f"and {MAX_MEGAPIXELS:g} megapixels. Uploads stay in a temporary folder deleted when the "
             f"server stops. {model_label}"
         )
         # preprocess=False: our own reader gives the page a clear message for a corrupt file,

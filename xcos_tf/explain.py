@@ -352,7 +352,10 @@ def main(argv, args):
         runtime_model = runtime.load(args.model.value, format=args.format.value)
     except (OSError, ValueError) as err:
         exit_with_error(f"--model {args.model.value}: {err}")
-    result = explain_faces(faces[0], faces[1], runtime_model, notes)
+    try:
+        result = explain_faces(faces[0], faces[1], runtime_model, notes)
+    except runtime.ModelOutputError as err:  # never print a NaN score
+        exit_with_error(f"--model {args.model.value}: {err}")
     for note in result["notes"]:
         print(f"note: {note}", file=sys.stderr)
     if result["threshold"] is None:

@@ -17,6 +17,10 @@ import os
 import cv2
 import numpy as np
 
+# The one image reader lives in image_io; its names stay importable from here for the callers
+# that read photos right before aligning them (explain, evaluate, export, tools).
+from xcos_tf.data.image_io import ImageError, decode_image, read_image  # noqa: F401
+
 ALIGNED_SIZE = 112
 # The shared YuNet model beside a checkout (../shared/models); tools take other paths by flag.
 DEFAULT_DETECTOR = os.path.normpath(
@@ -40,10 +44,6 @@ TEMPLATE_112 = np.array(
 CHOICES = ("central", "largest")
 
 
-class ImageError(ValueError):
-    """A file that is missing, empty, truncated or not a decodable image."""
-
-
 class FaceError(ValueError):
     """An image from which no usable face can be aligned."""
 
@@ -54,31 +54,6 @@ class NoFaceError(FaceError):
 
 class FaceTooSmallError(FaceError):
     """Faces were found, but all are smaller than `min_face_size`."""
-
-
-def _is_truncated(data):
-    """JPEG must end with its EOI marker and PNG with its IEND chunk.
-
-    OpenCV decodes a truncated JPEG with only a warning (grey lower half), so the end marker is
-    the reliable check. Trailing padding bytes after the marker are tolerated.
-    """
-    if data[:2] == b"\xff\xd8":
-        return b"\xff\xd9" not in data[-64:]
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return b"IEND" not in data[-64:]
-    return False
-
-
-def decode_image(data, name="<bytes>"):
-    """Encoded image bytes (JPEG, PNG, BMP, ...) -> RGB uint8 [H, W, 3]; `ImageError` names `name`."""
-    if not data:
-        raise ImageError(f"{name}: empty file")
-    if _is_truncated(data):
-        raise ImageError(f"{name}: truncated image file ({len(data)} bytes, no end marker)")
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if image is None or image.size == 0:
-        raise ImageError(f"{name}: not a decodable image ({len(data)} bytes)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def encode_image(image_rgb, image_format="jpeg", jpeg_quality=95):
@@ -93,17 +68,6 @@ def encode_image(image_rgb, image_format="jpeg", jpeg_quality=95):
     if not ok:
         raise ImageError(f"OpenCV could not encode a {image_rgb.shape} image as {image_format}")
     return data.tobytes()
-
-
-def read_image(path):
-    """Reads an image file as RGB uint8 [H, W, 3]; raises `ImageError` naming the file."""
-    path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise ImageError(f"{path}: cannot read image file ({e.strerror or e})") from None
-    return decode_image(data, name=path)
 
 
 def _check_image(image_rgb):

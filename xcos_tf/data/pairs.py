@@ -94,22 +94,70 @@ def people_in_pairs(pairs):
 
 _NUMPY_RECONSTRUCT = np.zeros(1).__reduce__()[0]
 _NUMPY_SCALAR = np.bool_(True).__reduce__()[0]
-# Everything an insightface .bin pickle (Python 2 or 3, numpy 1 or 2) needs, and nothing else.
+# The dtypes of the is-same flags or of image byte arrays in a numpy-made .bin.
+_NUMPY_DTYPES = {"b1", "?", "u1", "|b1", "|u1", "bool", "uint8"}
+
+
+class _BinRefused(pickle.UnpicklingError):
+    """A pickle construct that an insightface .bin never holds."""
+
+
+def _copy_of(kind):
+    """bytes / bytearray / list / tuple made only from an object already in the pickle (so its
+    size is bounded by the file's): `bytes(10**9)`, `bytearray(10**15)` are refused."""
+
+    def construct(*args):
+        if not args:
+            return kind()
+        value = args[0]
+        if not isinstance(value, (bytes, bytearray, str, list, tuple)):
+            raise _BinRefused(f"refusing {kind.__name__}({type(value).__name__}): an insightface .bin holds "
+                              "only image bytes and is-same flags")
+        return kind(*args)
+
+    return construct
+
+
+def _reconstruct(subtype, shape, dtype_code):
+    # numpy pickles an array as an empty one and its state (BUILD), which then checks that the
+    # data fills the shape: a non-empty shape here would allocate before any check.
+    if subtype is not np.ndarray or tuple(shape) != (0,):
+        raise _BinRefused(f"refusing a numpy array of shape {shape!r} before its data")
+    return _NUMPY_RECONSTRUCT(subtype, shape, dtype_code)
+
+
+def _dtype(name, *args):
+    if str(name) not in _NUMPY_DTYPES and not (isinstance(name, bytes) and name.decode("latin1") in _NUMPY_DTYPES):
+        raise _BinRefused(f"refusing numpy dtype {name!r}: is-same flags are bool, images uint8")
+    return np.dtype(name, *args)
+
+
+def _scalar(dtype, data=None):
+    if dtype.itemsize > 8:
+        raise _BinRefused(f"refusing a numpy scalar of dtype {dtype}")
+    return _NUMPY_SCALAR(dtype, data)
+
+
+def _encode(text, encoding="utf-8"):
+    return text.encode(encoding)  # Python 2 strings in a protocol-2 pickle: the text is in the file
+
+
+# Everything an insightface .bin pickle (Python 2 or 3, numpy 1 or 2) needs, each bounded by what
+# the file holds, and nothing else.
 _ALLOWED_GLOBALS = {
-    ("builtins", "list"): list,
-    ("builtins", "tuple"): tuple,
-    ("builtins", "bytes"): bytes,
-    ("builtins", "bytearray"): bytearray,
+    ("builtins", "list"): _copy_of(list),
+    ("builtins", "tuple"): _copy_of(tuple),
+    ("builtins", "bytes"): _copy_of(bytes),
+    ("builtins", "bytearray"): _copy_of(bytearray),
+    ("__builtin__", "bytearray"): _copy_of(bytearray),
     ("builtins", "bool"): bool,
-    ("builtins", "int"): int,
-    ("__builtin__", "bytearray"): bytearray,
-    ("_codecs", "encode"): lambda text, encoding="utf-8": text.encode(encoding),
+    ("_codecs", "encode"): _encode,
     ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-    ("numpy.core.multiarray", "_reconstruct"): _NUMPY_RECONSTRUCT,
-    ("numpy._core.multiarray", "_reconstruct"): _NUMPY_RECONSTRUCT,
-    ("numpy.core.multiarray", "scalar"): _NUMPY_SCALAR,
-    ("numpy._core.multiarray", "scalar"): _NUMPY_SCALAR,
+    ("numpy", "dtype"): _dtype,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy.core.multiarray", "scalar"): _scalar,
+    ("numpy._core.multiarray", "scalar"): _scalar,
 }
 
 
@@ -118,7 +166,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         try:
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(
+            raise _BinRefused(
                 f"refusing to load {module}.{name}: an insightface .bin holds only image bytes "
                 "and is-same flags"
             ) from None
@@ -139,12 +187,15 @@ def read_insightface_bin(path):
         data = f.read()
     try:
         content = _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, MemoryError) as e:
         raise ValueError(f"{path}: not a readable insightface .bin pickle ({e})") from None
-    if not isinstance(content, (tuple, list)) or len(content) != 2:
-        raise ValueError(f"{path}: expected a pickle of (images, is_same flags)")
+    if not isinstance(content, (tuple, list)) or len(content) != 2 or not isinstance(content[0], (list, tuple)):
+        raise ValueError(f"{path}: expected a pickle of (list of images, is_same flags)")
     images, flags = content
     images = [_as_bytes(item, path, i) for i, item in enumerate(images)]
+    if sum(len(image) for image in images) > len(data):
+        # Only memo references to one object can hold more bytes than the file: not a real .bin.
+        raise ValueError(f"{path}: its images hold more bytes than the file ({len(data)}): repeated references")
     flags = np.asarray(flags)
     if flags.ndim != 1 or not np.all(np.isin(flags, (0, 1))):
         raise ValueError(f"{path}: the is-same flags must be a list of booleans")

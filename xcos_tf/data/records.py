@@ -19,6 +19,7 @@ Pair record, keys in `PAIR_KEYS`: `pair/image_a`, `pair/image_b` (encoded aligne
 The decoders turn serialized bytes into a dict of raw tensors (optional fields default to
 empty); decoding the image and augmenting belong to the parsers in `pipeline.py`.
 """
+import errno
 import hashlib
 import json
 import os
@@ -176,16 +177,35 @@ def sha256_file(path):
     return digest.hexdigest()
 
 
+class DiskFullError(OSError):
+    """No space left for a shard or a manifest; the half-written temporary file is removed."""
+
+    def __init__(self, message):
+        super().__init__(errno.ENOSPC, message)
+
+
+def _remove_partial(temporary):
+    try:
+        os.remove(temporary)
+    except OSError:
+        pass
+
+
 def write_shard(path, serialized_records):
     """Writes records to `path` through a temporary name and an atomic rename, so a killed
-    run never leaves a half shard under the final name. Returns its manifest entry."""
+    run never leaves a half shard under the final name. Returns its manifest entry.
+    Raises `DiskFullError` when the disk fills up (TensorFlow's ResourceExhaustedError)."""
     path = os.fspath(path)
     temporary = path + ".tmp"
     count = 0
-    with tf.io.TFRecordWriter(temporary) as writer:
-        for record in serialized_records:
-            writer.write(record)
-            count += 1
+    try:
+        with tf.io.TFRecordWriter(temporary) as writer:
+            for record in serialized_records:
+                writer.write(record)
+                count += 1
+    except tf.errors.ResourceExhaustedError:
+        _remove_partial(temporary)
+        raise DiskFullError(f"disk full while writing {path} (its temporary file is removed)") from None
     os.replace(temporary, path)
     return {
         "file": os.path.basename(path),
@@ -201,9 +221,15 @@ def shard_name(prefix, index):
 
 def write_json_atomic(path, obj):
     temporary = os.fspath(path) + ".tmp"
-    with open(temporary, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
+    try:
+        with open(temporary, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.write("\n")
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        _remove_partial(temporary)
+        raise DiskFullError(f"disk full while writing {path} (its temporary file is removed)") from None
     os.replace(temporary, path)
 
 

@@ -164,11 +164,18 @@ class ShardSet:
 
     def _flush(self, end):
         path = os.path.join(self.out_dir, records.shard_name(self.config["prefix"], len(self.shards)))
-        entry = records.write_shard(path, self._pending)
-        entry["end"] = end
-        self.shards.append(entry)
-        self._pending, self._pending_bytes = [], 0
-        self._write_manifest({}, complete=False)
+        try:
+            entry = records.write_shard(path, self._pending)
+            entry["end"] = end
+            self.shards.append(entry)
+            self._pending, self._pending_bytes = [], 0
+            self._write_manifest({}, complete=False)
+        except records.DiskFullError as e:
+            kept = (records.read_manifest(self.out_dir) or {}).get("shards", [])
+            raise records.DiskFullError(
+                f"{e.strerror}; kept: the {len(kept)} finished shard(s) listed in "
+                f"{os.path.join(self.out_dir, records.MANIFEST_NAME)}; free space and run the same command to resume"
+            ) from None
 
     def _write_manifest(self, summary, complete):
         reject_counts = {}
