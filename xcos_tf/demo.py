@@ -4,7 +4,7 @@
 
 A Gradio page (install with `pip install "xcos_tf[demo]"`). Each photo is detected and aligned
 with YuNet (the largest face; aligned 112x112 crops are used as they are), verified by the
-exported model, and explained with `xcos_tf.explain.render_explanation`.
+exported model, and explained with `xcos_tf.explain_picture.render_explanation`.
 
 What the page accepts and where things go:
 - Uploads: JPEG, PNG, WebP or BMP, at most `--max_upload_mb` (10 MB) and 50 megapixels. A wrong
@@ -28,7 +28,7 @@ import cv2
 import PIL.Image  # a matplotlib dependency: reads an image's size from its header alone
 from absl import app, flags
 
-from xcos_tf import explain, runtime  # runtime imports a format's engine only in load()
+from xcos_tf import explain, explain_picture, runtime  # runtime imports a format's engine only in load()
 from xcos_tf.data import align
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -113,9 +113,7 @@ def compare_uploads(upload_a, upload_b, runtime_model, aligner, max_bytes):
         faces.append(face)
         notes += [note] if note else []
     result = explain.explain_faces(faces[0], faces[1], runtime_model, notes)
-    picture = explain.render_explanation(
-        faces[0], faces[1], result, threshold=result["threshold"], title="  vs  ".join(names)
-    )
+    picture = explain_picture.render_explanation(faces[0], faces[1], result, title="  vs  ".join(names))
     return summary_markdown(result), picture
 
 
