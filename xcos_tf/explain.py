@@ -131,6 +131,16 @@ def method_available(runtime_model, method):
     return callable(getattr(runtime_model, "decompose", None)) and (signatures is None or "decompose" in signatures)
 
 
+def chosen_methods(method, runtime_model):
+    """`method` (a name in `METHODS` or "all") -> (the method names to run, notes). "all" is
+    every method the model can run, with a note for each one it cannot."""
+    if method != "all":
+        return [method], []
+    notes = [f"no {name} row: this model folder has no decompose signature"
+             for name in METHODS if not method_available(runtime_model, name)]
+    return [name for name in METHODS if method_available(runtime_model, name)], notes
+
+
 def explain_faces(face_a, face_b, runtime_model, notes=(), methods=("xcos",)):
     """Verifies two aligned faces and explains the pair with `methods` (names in `METHODS`);
     returns the dict described in `explain_photos`. Raises `MethodUnavailableError`."""
@@ -246,13 +256,9 @@ def main(argv, args):
         runtime_model = runtime.load(args.model.value, format=args.format.value)
     except (OSError, ValueError) as err:
         exit_with_error(f"--model {args.model.value}: {err}")
-    methods = list(METHODS) if args.method.value == "all" else [args.method.value]
-    if args.method.value == "all":  # what this model cannot run is said, not an error
-        notes += [f"no {method} row: this model folder has no decompose signature"
-                  for method in methods if not method_available(runtime_model, method)]
-        methods = [method for method in methods if method_available(runtime_model, method)]
+    methods, method_notes = chosen_methods(args.method.value, runtime_model)
     try:
-        result = explain_faces(faces[0], faces[1], runtime_model, notes, methods)
+        result = explain_faces(faces[0], faces[1], runtime_model, notes + method_notes, methods)
     except MethodUnavailableError as err:
         exit_with_error(f"--method {args.method.value} --model {args.model.value}: {err}")
     for note in result["notes"]:
