@@ -31,8 +31,8 @@ from matplotlib.figure import Figure
 
 DIVERGING_CMAP = "RdBu"  # red: lowers the score / the cells differ; blue: raises / they match (colour-blind safe)
 ATTENTION_CMAP = "viridis"
-ATTENTION_MAX_PERCENT = 50.0  # the fixed top of the attention scale; the shipped model's largest cell share on
-# 20 glint sample pairs ranged 18 % to 46 %; a larger share is drawn in the top colour (and written in)
+ATTENTION_MAX_PERCENT = 50.0  # the fixed top of the attention scale: the shipped model's largest cell share
+# ranged 9 % to 41 % on 400 glint sample pairs (docs/explain_and_evaluate.md); a larger share is drawn in the top colour
 ATTENTION_TICKS = (0, 2, 10, 25, 50)  # 2 %: every cell alike (1/49)
 OVERLAY_ALPHA = 0.55
 WIDTH_INCHES, HEADER_INCHES, ROW_INCHES, DPI = 15.0, 2.6, 3.0, 100
@@ -144,9 +144,12 @@ def _signed_norm(*maps):
 
 
 def _value_format(limit):
-    """Cell values with two significant digits at the scale's top (0.027 within ±0.05), no "-0.000"."""
-    decimals = max(2, 1 - int(np.floor(np.log10(limit))))
-    return lambda value: f"{round(float(value), decimals) + 0.0:.{decimals}f}"
+    """(format of a cell's value, note for the panel title): two decimals from a range of ±0.1
+    up; below, the values x 10^k (one decimal) so that they fit in a cell. No "-0.0"."""
+    if limit >= 0.1:
+        return lambda value: f"{round(float(value), 2) + 0.0:.2f}", ""
+    scale = 10.0 ** -np.floor(np.log10(limit))
+    return lambda value: f"{round(float(value) * scale, 1) + 0.0:.1f}", f" (values x {scale:g})"
 
 
 def _contribution_panels(figure, axes, face_a, face_b, map_a, map_b, contribution, what):
@@ -154,8 +157,9 @@ def _contribution_panels(figure, axes, face_a, face_b, map_a, map_b, contributio
     norm, ticks, limit = _signed_norm(map_a, map_b, contribution)
     _overlay_panel(axes[0], face_a, map_a, norm, f"{what} on face A")
     _overlay_panel(axes[1], face_b, map_b, norm, f"{what} on face B")
-    _map_panel(figure, axes[2], contribution, DIVERGING_CMAP, norm, _value_format(limit),
-               "contribution per cell", f"blue raises, red lowers (±{limit:g})", ticks)
+    value_format, scaled = _value_format(limit)
+    _map_panel(figure, axes[2], contribution, DIVERGING_CMAP, norm, value_format,
+               "contribution per cell" + scaled, f"blue raises, red lowers (±{limit:g})", ticks)
     return norm, ticks, limit
 
 
@@ -192,8 +196,9 @@ def _gradcam_row(figure, axes, face_a, face_b, explanation):
     gradcam_a, gradcam_b = single_map(explanation, "gradcam_a"), single_map(explanation, "gradcam_b")
     norm, ticks, limit = _contribution_panels(figure, axes, face_a, face_b, gradcam_a, gradcam_b,
                                               single_map(explanation, "contribution_map"), "Grad-CAM")
+    value_format, scaled = _value_format(limit)
     for ax, values, side in ((axes[3], gradcam_a, "A"), (axes[4], gradcam_b, "B")):
-        _map_panel(figure, ax, values, DIVERGING_CMAP, norm, _value_format(limit), f"Grad-CAM of face {side}",
+        _map_panel(figure, ax, values, DIVERGING_CMAP, norm, value_format, f"Grad-CAM of face {side}{scaled}",
                    f"±{limit:g}", ticks)
 
 
