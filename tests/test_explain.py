@@ -162,6 +162,9 @@ def test_explain_photos_on_raw_photos_and_crops(shared_dir, tiny_runtime, aligne
     np.testing.assert_array_equal(result["face_b"], align.read_image(crop))  # the crop as it is
     assert "faces found" in result["notes"][0] and "largest" in result["notes"][0]
     assert "used as it is" in result["notes"][1]
+    # The library's picture names the photos as the command line's does.
+    assert result["title"] == f"{_wild(shared_dir, 'several_faces').name}  vs  {crop.name}"
+    assert result["title"] in explain_picture.explanation_figure(result["face_a"], result["face_b"], result).get_suptitle()
     expected = tiny_runtime.verify(result["face_a"][None], result["face_b"][None])
     assert result["score"] == pytest.approx(float(expected["score"][0]), abs=1e-6)
     xcos = result["methods"]["xcos"]

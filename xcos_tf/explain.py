@@ -141,9 +141,10 @@ def chosen_methods(method, runtime_model):
     return [name for name in METHODS if method_available(runtime_model, name)], notes
 
 
-def explain_faces(face_a, face_b, runtime_model, notes=(), methods=("xcos",)):
+def explain_faces(face_a, face_b, runtime_model, notes=(), methods=("xcos",), title=None):
     """Verifies two aligned faces and explains the pair with `methods` (names in `METHODS`);
-    returns the dict described in `explain_photos`. Raises `MethodUnavailableError`."""
+    returns the dict described in `explain_photos` (`title`: the picture's first line, or
+    None). Raises `MethodUnavailableError`."""
     outputs = runtime_model.verify(face_a[None].astype(np.float32), face_b[None].astype(np.float32))
     score = float(np.asarray(outputs["score"]).reshape(-1)[0])
     threshold = runtime_model.threshold
@@ -156,6 +157,7 @@ def explain_faces(face_a, face_b, runtime_model, notes=(), methods=("xcos",)):
         "face_a": face_a,
         "face_b": face_b,
         "notes": list(notes),
+        "title": title,
     }
 
 
@@ -174,7 +176,9 @@ def explain_photos(photo_a, photo_b, runtime_model, aligner, methods=("xcos",)):
         dict: `score` float (the xCos score), `threshold` float or None, `decision` "same" /
         "different" / None, `methods` {method: its explanation: `explains`, `explained_score`,
         `contribution_map` float32 (H, W) and its own maps}, `face_a` and `face_b` the aligned
-        RGB uint8 faces, `notes` a list of str (several faces found, crop taken as is).
+        RGB uint8 faces, `notes` a list of str (several faces found, crop taken as is),
+        `title` "a.jpg  vs  b.jpg" (the file names; "photo A" for an array), which
+        `explain_picture` puts at the top of the picture.
 
     Raises:
         `xcos_tf.data.align.ImageError` for an unreadable file, `FaceError` (`NoFaceError`,
@@ -183,7 +187,9 @@ def explain_photos(photo_a, photo_b, runtime_model, aligner, methods=("xcos",)):
     """
     face_a, note_a = align_photo(photo_a, "photo A", aligner)
     face_b, note_b = align_photo(photo_b, "photo B", aligner)
-    return explain_faces(face_a, face_b, runtime_model, [note for note in (note_a, note_b) if note], methods)
+    title = "  vs  ".join(os.path.basename(os.fspath(photo)) if isinstance(photo, (str, os.PathLike)) else label
+                          for photo, label in ((photo_a, "photo A"), (photo_b, "photo B")))
+    return explain_faces(face_a, face_b, runtime_model, [note for note in (note_a, note_b) if note], methods, title)
 
 
 def _method_json(explanation):
@@ -258,7 +264,8 @@ def main(argv, args):
         exit_with_error(f"--model {args.model.value}: {err}")
     methods, method_notes = chosen_methods(args.method.value, runtime_model)
     try:
-        result = explain_faces(faces[0], faces[1], runtime_model, notes + method_notes, methods)
+        result = explain_faces(faces[0], faces[1], runtime_model, notes + method_notes, methods,
+                               title=f"{os.path.basename(argv[1])}  vs  {os.path.basename(argv[2])}")
     except MethodUnavailableError as err:
         exit_with_error(f"--method {args.method.value} --model {args.model.value}: {err}")
     for note in result["notes"]:
@@ -266,9 +273,8 @@ def main(argv, args):
     if result["threshold"] is None:
         print("note: the model's manifest has no calibrated threshold: printing the score only", file=sys.stderr)
     if args.out.value:
-        title = f"{os.path.basename(argv[1])}  vs  {os.path.basename(argv[2])}"
         try:
-            save_explanation(args.out.value, faces[0], faces[1], result, title=title)
+            save_explanation(args.out.value, faces[0], faces[1], result)
         except OSError as err:
             exit_with_error(f"--out: {err}")
     if args.json.value:

@@ -229,8 +229,9 @@ def explanation_figure(face_a, face_b, result, title=None):
         face_a, face_b: aligned faces, RGB [H, W, 3] (uint8 or float 0..255).
         result: dict as `xcos_tf.explain.explain_faces` returns: `"score"`, `"threshold"`
             (float or None), `"methods"` (method name -> its explanation dict, drawn in this
-            order), and optional `"notes"` (list of str, written in the picture).
-        title: optional str, a first title line (e.g. the two file names).
+            order), and optional `"notes"` (list of str, written in the picture) and `"title"`.
+        title: optional str, a first title line; defaults to `result["title"]` (the two file
+            names when the result comes from `explain_photos`).
     """
     face_a, face_b = _single_face(face_a, "face_a"), _single_face(face_b, "face_b")
     methods = result["methods"]
@@ -252,6 +253,7 @@ def explanation_figure(face_a, face_b, result, title=None):
         ROWS[name](row, row.subplots(1, 5), face_a, face_b, explanation)
         row.suptitle(f"{METHOD_TITLES[name]}  [score explained: {explanation['explained_score']:.3f}]",
                      fontsize=10, fontweight="bold")
+    title = result.get("title") if title is None else title
     figure.suptitle(_headline(score, result.get("threshold"), title), fontsize=12)
     return figure
 
