@@ -56,7 +56,7 @@ def test_xcos_picture_has_the_documented_layout():
     # header (2 faces + notes), one row of 5 panels, 3 colour bars
     assert len(figure.axes) == 3 + 5 + 3
     panels = {ax.get_title(): ax for ax in figure.axes if ax.get_title()}
-    contribution_title = "contribution per cell (values x 100)"  # the range here is ±0.05 or less
+    contribution_title = "contribution per cell (values x 1000)"  # the range here is ±0.05, written as ±50
     for title in ("face A (aligned)", "cos x attention on face A", "cos x attention on face B",
                   contribution_title, "cos map: how alike each cell is", "attention: % of the score per cell"):
         assert not _blank(picture, panels[title]), title
@@ -67,7 +67,8 @@ def test_xcos_picture_has_the_documented_layout():
     np.testing.assert_allclose(attention.images[0].get_array(), 100 * ATTENTION_MAP, rtol=1e-6)
     assert len(cos.texts) == len(attention.texts) == len(contribution.texts) == 49
     assert cos.texts[0].get_text() == f"{COS_MAP[0, 0]:.2f}"
-    assert contribution.texts[0].get_text() == f"{100 * COS_MAP[0, 0] * ATTENTION_MAP[0, 0] + 0.0:.1f}"
+    assert contribution.images[0].norm.vmax == 0.05
+    assert contribution.texts[0].get_text() == f"{round(1000 * COS_MAP[0, 0] * ATTENTION_MAP[0, 0]) + 0.0:.0f}"
     # The cos scale is -1..1 centred at 0 with even ticks; contributions are centred at 0 on a
     # round symmetric range; the attention scale is the same in every picture.
     assert (cos.images[0].norm.vmin, cos.images[0].norm.vmax) == (-1, 1)
@@ -103,7 +104,7 @@ def test_all_methods_draw_one_row_each_in_the_same_layout():
     gradcam_panel = next(ax for ax in rows[2].axes if ax.get_title().startswith("Grad-CAM of face B"))
     np.testing.assert_allclose(gradcam_panel.images[0].get_array(), GRADCAM_B)
     written = [t.get_text() for t in gradcam_panel.texts]
-    assert "-0.0" not in written and max(map(len, written)) <= 4  # e.g. "-4.2" (values x 1000 or x 100)
+    assert "-0.0" not in written and max(map(len, written)) <= 5  # e.g. "-4.2" (±0.01 written as ±10.0)
 
 
 def test_picture_says_different_and_no_decision():

@@ -145,11 +145,13 @@ def _signed_norm(*maps):
 
 def _value_format(limit):
     """(format of a cell's value, note for the panel title): two decimals from a range of ±0.1
-    up; below, the values x 10^k (one decimal) so that they fit in a cell. No "-0.0"."""
+    up; below, the values x 10^k, the range then ±10, ±20 or ±50, so that two significant
+    digits fit in a cell (one decimal up to ±20). No "-0.0"."""
     if limit >= 0.1:
         return lambda value: f"{round(float(value), 2) + 0.0:.2f}", ""
-    scale = 10.0 ** -np.floor(np.log10(limit))
-    return lambda value: f"{round(float(value) * scale, 1) + 0.0:.1f}", f" (values x {scale:g})"
+    scale = 10.0 ** (1 - np.floor(np.log10(limit) + 1e-9))
+    decimals = 1 if limit * scale <= 20 * (1 + 1e-9) else 0
+    return lambda value: f"{round(float(value) * scale, decimals) + 0.0:.{decimals}f}", f" (values x {scale:g})"
 
 
 def _contribution_panels(figure, axes, face_a, face_b, map_a, map_b, contribution, what):
