@@ -232,6 +232,8 @@ def test_decomposition_needs_a_decompose_signature(tiny_runtime):
     assert not explain.method_available(tiny_runtime, "decomposition")
     with pytest.raises(explain.MethodUnavailableError, match="this model folder has no decompose signature"):
         explain.explain_faces(faces[0], faces[1], tiny_runtime, methods=["decomposition"])
+    with pytest.raises(ValueError, match="must be some of"):
+        explain.explain_faces(faces[0], faces[1], tiny_runtime, methods=["lime"])
     # A runtime whose manifest lists its signatures has the method only when decompose is listed.
     listed = DecomposingRuntime(tiny_runtime)
     listed.manifest = {"signatures": {"verify": {}, "embed": {}, "compare": {}}}

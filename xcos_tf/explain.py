@@ -86,6 +86,9 @@ def align_photo(photo, label, aligner):
     return aligned, None
 
 
+NO_DECOMPOSE = "this model folder has no decompose signature"
+
+
 class MethodUnavailableError(ValueError):
     """An explanation method the loaded model cannot run (e.g. no `decompose` signature)."""
 
@@ -100,8 +103,7 @@ def _xcos(runtime_model, face_a, face_b, verified):
 def _decomposition(runtime_model, face_a, face_b, verified):
     del verified
     if not method_available(runtime_model, "decomposition"):
-        raise MethodUnavailableError("this model folder has no decompose signature "
-                                     "(export it with a teacher to explain the teacher's cosine)")
+        raise MethodUnavailableError(f"{NO_DECOMPOSE} (export it with a teacher to explain the teacher's cosine)")
     outputs = runtime_model.decompose(face_a[None].astype(np.float32), face_b[None].astype(np.float32))
     return {"explains": "teacher cosine", "explained_score": float(np.asarray(outputs["score"]).reshape(-1)[0]),
             "contribution_map": single_map(outputs, "contribution_map"),
@@ -136,8 +138,7 @@ def chosen_methods(method, runtime_model):
     every method the model can run, with a note for each one it cannot."""
     if method != "all":
         return [method], []
-    notes = [f"no {name} row: this model folder has no decompose signature"
-             for name in METHODS if not method_available(runtime_model, name)]
+    notes = [f"no {name} row: {NO_DECOMPOSE}" for name in METHODS if not method_available(runtime_model, name)]
     return [name for name in METHODS if method_available(runtime_model, name)], notes
 
 
@@ -145,6 +146,9 @@ def explain_faces(face_a, face_b, runtime_model, notes=(), methods=("xcos",), ti
     """Verifies two aligned faces and explains the pair with `methods` (names in `METHODS`);
     returns the dict described in `explain_photos` (`title`: the picture's first line, or
     None). Raises `MethodUnavailableError`."""
+    unknown = [method for method in methods if method not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"`methods` must be some of {list(METHODS)}. Received: methods={list(methods)}")
     outputs = runtime_model.verify(face_a[None].astype(np.float32), face_b[None].astype(np.float32))
     score = float(np.asarray(outputs["score"]).reshape(-1)[0])
     threshold = runtime_model.threshold
