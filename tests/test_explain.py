@@ -91,8 +91,8 @@ def test_all_methods_draw_one_row_each_in_the_same_layout():
     picture = explain_picture.render_explanation(FACES[0], FACES[1], result)
     assert picture.shape == (560 + 2 * 300, 1500, 3)
     rows = figure.subfigs[1:]
-    assert [row.get_suptitle().split(":")[0] for row in rows] == ["xCos", "Exact decomposition of the teacher's cosine",
-                                                                   "Grad-CAM (signed, on the grid) of the embedding cosine"]
+    assert [row.get_suptitle().split(":")[0] for row in rows] == [
+        "xCos", "Exact decomposition of the teacher's cosine", "Grad-CAM (signed, on the grid) of the embedding cosine"]
     for row, name in zip(rows, ("xcos", "decomposition", "gradcam")):
         first = [ax for ax in row.axes if ax.get_title()][:3]
         assert first[2].get_title().startswith("contribution per cell")
@@ -165,7 +165,8 @@ def test_explain_photos_on_raw_photos_and_crops(shared_dir, tiny_runtime, aligne
     assert "used as it is" in result["notes"][1]
     # The library's picture names the photos as the command line's does.
     assert result["title"] == f"{_wild(shared_dir, 'several_faces').name}  vs  {crop.name}"
-    assert result["title"] in explain_picture.explanation_figure(result["face_a"], result["face_b"], result).get_suptitle()
+    figure = explain_picture.explanation_figure(result["face_a"], result["face_b"], result)
+    assert result["title"] in figure.get_suptitle()
     expected = tiny_runtime.verify(result["face_a"][None], result["face_b"][None])
     assert result["score"] == pytest.approx(float(expected["score"][0]), abs=1e-6)
     xcos = result["methods"]["xcos"]
