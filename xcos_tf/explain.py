@@ -157,6 +157,9 @@ def explain_faces(face_a, face_b, runtime_model, notes=(), methods=("xcos",), ti
         "score": score,
         "threshold": threshold,
         "decision": decide(score, threshold),
+        # verify's own maps, whatever the methods (the one-call API returns them)
+        "cos_map": single_map(outputs, "cos_map"),
+        "attention_map": single_map(outputs, "attention_map"),
         "methods": {method: METHODS[method](runtime_model, face_a, face_b, outputs) for method in methods},
         "face_a": face_a,
         "face_b": face_b,
@@ -178,11 +181,12 @@ def explain_photos(photo_a, photo_b, runtime_model, aligner, methods=("xcos",)):
 
     Returns:
         dict: `score` float (the xCos score), `threshold` float or None, `decision` "same" /
-        "different" / None, `methods` {method: its explanation: `explains`, `explained_score`,
+        "different" / None, `cos_map` and `attention_map` float32 (H, W) (the xCos maps, for
+        any method), `methods` {method: its explanation: `explains`, `explained_score`,
         `contribution_map` float32 (H, W) and its own maps}, `face_a` and `face_b` the aligned
         RGB uint8 faces, `notes` a list of str (several faces found, crop taken as is),
-        `title` "a.jpg  vs  b.jpg" (the file names; "photo A" for an array), which
-        `explain_picture` puts at the top of the picture.
+        `title` "a.jpg  vs  b.jpg" (the file names; None unless both photos are files),
+        which `explain_picture` puts at the top of the picture.
 
     Raises:
         `xcos_tf.data.align.ImageError` for an unreadable file, `FaceError` (`NoFaceError`,
@@ -191,9 +195,15 @@ def explain_photos(photo_a, photo_b, runtime_model, aligner, methods=("xcos",)):
     """
     face_a, note_a = align_photo(photo_a, "photo A", aligner)
     face_b, note_b = align_photo(photo_b, "photo B", aligner)
-    title = "  vs  ".join(os.path.basename(os.fspath(photo)) if isinstance(photo, (str, os.PathLike)) else label
-                          for photo, label in ((photo_a, "photo A"), (photo_b, "photo B")))
-    return explain_faces(face_a, face_b, runtime_model, [note for note in (note_a, note_b) if note], methods, title)
+    notes = [note for note in (note_a, note_b) if note]
+    return explain_faces(face_a, face_b, runtime_model, notes, methods, pair_title(photo_a, photo_b))
+
+
+def pair_title(photo_a, photo_b):
+    """'a.jpg  vs  b.jpg' when both are files (the picture's first line), else None."""
+    if isinstance(photo_a, (str, os.PathLike)) and isinstance(photo_b, (str, os.PathLike)):
+        return f"{os.path.basename(os.fspath(photo_a))}  vs  {os.path.basename(os.fspath(photo_b))}"
+    return None
 
 
 def _method_json(explanation):
@@ -269,7 +279,7 @@ def main(argv, args):
     methods, method_notes = chosen_methods(args.method.value, runtime_model)
     try:
         result = explain_faces(faces[0], faces[1], runtime_model, notes + method_notes, methods,
-                               title=f"{os.path.basename(argv[1])}  vs  {os.path.basename(argv[2])}")
+                               title=pair_title(argv[1], argv[2]))
     except MethodUnavailableError as err:
         exit_with_error(f"--method {args.method.value} --model {args.model.value}: {err}")
     for note in result["notes"]:

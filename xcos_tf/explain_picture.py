@@ -35,6 +35,7 @@ ATTENTION_MAX_PERCENT = 50.0  # the fixed top of the attention scale: the shippe
 # ranged 9 % to 41 % on 400 glint sample pairs (docs/explain_and_evaluate.md); a larger share is drawn in the top colour
 ATTENTION_TICKS = (0, 2, 10, 25, 50)  # 2 %: every cell alike (1/49)
 OVERLAY_ALPHA = 0.55
+VEIL_ALPHA = 0.75  # how dark the cells with the least attention get under the spotlight
 WIDTH_INCHES, HEADER_INCHES, ROW_INCHES, DPI = 15.0, 2.6, 3.0, 100
 METHOD_TITLES = {
     "xcos": "xCos: the score is the sum over the cells of cos x attention (exact)",
@@ -104,7 +105,8 @@ def _write_values(ax, values, image, fmt):
                 color="black" if luminance[i, j] > 0.5 else "white")
 
 
-def _face_panel(ax, face, cells, label):
+def face_panel(ax, face, cells, label):
+    """An aligned face with the cell grid (the gallery's search picture draws its faces with it too)."""
     ax.imshow(face, interpolation="bilinear")
     _draw_grid(ax, face.shape[:2], cells)
     ax.set_title(label, fontsize=9)
@@ -123,12 +125,33 @@ def _map_panel(figure, ax, values, cmap, norm, fmt, label, bar_label, ticks=None
     return image
 
 
-def _overlay_panel(ax, face, values, norm, label):
+def cos_norm():
+    """The cos map's colour scale: -1..1, centred at 0 (white: unrelated cells)."""
+    return matplotlib.colors.Normalize(-1.0, 1.0)
+
+
+def overlay_panel(ax, face, values, norm, label):
+    """`values` in red-white-blue laid over the face, cell by cell."""
     height, width = face.shape[:2]
     ax.imshow(face, interpolation="bilinear")
     ax.imshow(values, cmap=DIVERGING_CMAP, norm=norm, alpha=OVERLAY_ALPHA, interpolation="nearest",
               extent=(-0.5, width - 0.5, height - 0.5, -0.5))
     _draw_grid(ax, (height, width), values.shape, color="black")
+    ax.set_title(label, fontsize=9)
+    ax.set_axis_off()
+
+
+def spotlight_panel(ax, face, attention_map, label):
+    """The face under a black veil that lifts where the attention is high: what counted (the
+    gallery's search picture; the pair picture writes the attention's values instead)."""
+    height, width = face.shape[:2]
+    veil = np.zeros(attention_map.shape + (4,), np.float32)
+    # The square root lifts the veil visibly for cells with a moderate share, not only the top one.
+    share = np.sqrt(np.clip(attention_map, 0.0, None) / max(float(attention_map.max()), 1e-12))
+    veil[..., 3] = VEIL_ALPHA * (1.0 - share)
+    ax.imshow(face, interpolation="bilinear")
+    ax.imshow(veil, interpolation="nearest", extent=(-0.5, width - 0.5, height - 0.5, -0.5))
+    _draw_grid(ax, (height, width), attention_map.shape, color="grey")
     ax.set_title(label, fontsize=9)
     ax.set_axis_off()
 
@@ -157,8 +180,8 @@ def _value_format(limit):
 def _contribution_panels(figure, axes, face_a, face_b, map_a, map_b, contribution, what):
     """The first three panels of every row: the maps over the faces, the contributions' values."""
     norm, ticks, limit = _signed_norm(map_a, map_b, contribution)
-    _overlay_panel(axes[0], face_a, map_a, norm, f"{what} on face A")
-    _overlay_panel(axes[1], face_b, map_b, norm, f"{what} on face B")
+    overlay_panel(axes[0], face_a, map_a, norm, f"{what} on face A")
+    overlay_panel(axes[1], face_b, map_b, norm, f"{what} on face B")
     value_format, scaled = _value_format(limit)
     _map_panel(figure, axes[2], contribution, DIVERGING_CMAP, norm, value_format,
                "contribution per cell" + scaled, f"blue raises, red lowers (±{limit:g})", ticks)
@@ -168,7 +191,7 @@ def _contribution_panels(figure, axes, face_a, face_b, map_a, map_b, contributio
 def _xcos_row(figure, axes, face_a, face_b, explanation):
     contribution = single_map(explanation, "contribution_map")
     _contribution_panels(figure, axes, face_a, face_b, contribution, contribution, contribution, "cos x attention")
-    _map_panel(figure, axes[3], single_map(explanation, "cos_map"), DIVERGING_CMAP, matplotlib.colors.Normalize(-1, 1),
+    _map_panel(figure, axes[3], single_map(explanation, "cos_map"), DIVERGING_CMAP, cos_norm(),
                lambda v: f"{v:.2f}", "cos map: how alike each cell is", "cosine (blue: alike)",
                np.linspace(-1, 1, 5))
     _map_panel(figure, axes[4], 100.0 * single_map(explanation, "attention_map"), ATTENTION_CMAP,
@@ -248,8 +271,8 @@ def explanation_figure(face_a, face_b, result, title=None):
     FigureCanvasAgg(figure)  # attaches itself as figure.canvas
     header, *rows = np.atleast_1d(figure.subfigures(len(heights), 1, height_ratios=heights))
     grid = header.add_gridspec(1, 5)
-    _face_panel(header.add_subplot(grid[0, 0]), face_a, cells, "face A (aligned)")
-    _face_panel(header.add_subplot(grid[0, 1]), face_b, cells, "face B (aligned)")
+    face_panel(header.add_subplot(grid[0, 0]), face_a, cells, "face A (aligned)")
+    face_panel(header.add_subplot(grid[0, 1]), face_b, cells, "face B (aligned)")
     _text_panel(header.add_subplot(grid[0, 2:]), _reading_notes(result))
     for row, (name, explanation) in zip(rows, methods.items()):
         ROWS[name](row, row.subplots(1, 5), face_a, face_b, explanation)
