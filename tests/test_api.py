@@ -94,7 +94,7 @@ def test_embed_is_the_runtime_embedding(onnx_model):
 def test_explain_returns_and_writes_the_picture(onnx_model, tmp_path):
     out = tmp_path / "pair.png"
     picture = onnx_model.explain(CROP_A, CROP_B, out=str(out))
-    assert picture.shape == (760, 1300, 3)
+    assert picture.shape == (560, 1500, 3)  # explain_picture: header and one xCos row
     np.testing.assert_array_equal(align.read_image(out), picture)
     assert onnx_model.explain(CROP_A, CROP_B).shape == picture.shape
 

@@ -10,17 +10,31 @@ import pytest
 import tiny_verifiers
 from conftest import REPO_ROOT
 
-from xcos_tf import explain
+from xcos_tf import explain, explain_picture
 from xcos_tf.data import align
+from xcos_tf.explanations import gradcam
 
 RNG = np.random.default_rng(0)
 FACES = tiny_verifiers.smooth_faces(2)
 LOGITS = RNG.normal(size=(7, 7))
-RESULT = {
-    "score": np.array([0.42], np.float32),
-    "cos_map": np.clip(RNG.normal(0.3, 0.3, size=(1, 7, 7)), -1, 1).astype(np.float32),
-    "attention_map": (np.exp(LOGITS) / np.exp(LOGITS).sum())[None].astype(np.float32),
+COS_MAP = np.clip(RNG.normal(0.3, 0.3, size=(7, 7)), -1, 1).astype(np.float32)
+ATTENTION_MAP = (np.exp(LOGITS) / np.exp(LOGITS).sum()).astype(np.float32)
+GRADCAM_A, GRADCAM_B = RNG.normal(0, 0.003, size=(2, 7, 7)).astype(np.float32)
+CONTRIBUTIONS = RNG.normal(0.01, 0.01, size=(7, 7)).astype(np.float32)
+EXPLANATIONS = {
+    "xcos": {"explains": "xcos score", "explained_score": float(np.sum(COS_MAP * ATTENTION_MAP)),
+             "contribution_map": COS_MAP * ATTENTION_MAP, "cos_map": COS_MAP, "attention_map": ATTENTION_MAP},
+    "decomposition": {"explains": "teacher cosine", "explained_score": float(CONTRIBUTIONS.sum()) + 0.05,
+                      "contribution_map": CONTRIBUTIONS, "bias": 0.05},
+    "gradcam": {"explains": "embedding cosine", "explained_score": 0.4, "contribution_map": (GRADCAM_A + GRADCAM_B) / 2,
+                "gradcam_a": GRADCAM_A, "gradcam_b": GRADCAM_B},
 }
+
+
+def _result(methods=("xcos",), threshold=0.25, notes=("photo A: 3 faces found in group.jpg, using the largest one",)):
+    score = EXPLANATIONS["xcos"]["explained_score"]
+    return {"score": score, "threshold": threshold, "decision": explain.decide(score, threshold),
+            "methods": {name: EXPLANATIONS[name] for name in methods}, "notes": list(notes)}
 
 
 def _blank(picture, ax):
@@ -32,46 +46,90 @@ def _blank(picture, ax):
     return picture[y0:y1, x0:x1].std() < 1.0
 
 
-def test_picture_has_the_documented_layout():
-    figure = explain.explanation_figure(FACES[0], FACES[1], RESULT, threshold=0.25, title="a.jpg vs b.jpg")
-    picture = explain.render_explanation(FACES[0], FACES[1], RESULT, threshold=0.25, title="a.jpg vs b.jpg")
-    assert picture.dtype == np.uint8 and picture.shape == (760, 1300, 3)
-    panels, colour_bars = figure.axes[:8], figure.axes[8:]
-    assert len(colour_bars) == 2
-    titles = [ax.get_title() for ax in panels]
-    assert titles[:4] == ["face A (aligned)", "face B (aligned)", "cos map: how alike each cell is",
-                          "attention: % of the score per cell"]
-    assert all(title for title in titles)
-    for ax in panels:
-        assert not _blank(picture, ax), ax.get_title()
-    # The maps panels show the maps themselves, every cell's value written in.
-    cos_panel, attention_panel = panels[2], panels[3]
-    np.testing.assert_allclose(cos_panel.images[0].get_array(), RESULT["cos_map"][0])
-    np.testing.assert_allclose(attention_panel.images[0].get_array(), 100 * RESULT["attention_map"][0], rtol=1e-6)
-    assert len(cos_panel.texts) == 49 and len(attention_panel.texts) == 49
-    assert cos_panel.texts[0].get_text() == f"{RESULT['cos_map'][0, 0, 0]:.2f}"
-    # The diverging cos colours are centred at the threshold.
-    assert cos_panel.images[0].norm.vcenter == pytest.approx(0.25)
+def test_xcos_picture_has_the_documented_layout():
+    result = _result()
+    figure = explain_picture.explanation_figure(FACES[0], FACES[1], result, title="a.jpg vs b.jpg")
+    picture = explain_picture.render_explanation(FACES[0], FACES[1], result, title="a.jpg vs b.jpg")
+    assert picture.dtype == np.uint8 and picture.shape == (560, 1500, 3)
+    titles = [ax.get_title() for ax in figure.axes]
+    assert titles[:2] == ["face A (aligned)", "face B (aligned)"]
+    # header (2 faces + notes), one row of 5 panels, 3 colour bars
+    assert len(figure.axes) == 3 + 5 + 3
+    panels = {ax.get_title(): ax for ax in figure.axes if ax.get_title()}
+    contribution_title = "contribution per cell (values x 1000)"  # the range here is ±0.05, written as ±50
+    for title in ("face A (aligned)", "cos x attention on face A", "cos x attention on face B",
+                  contribution_title, "cos map: how alike each cell is", "attention: % of the score per cell"):
+        assert not _blank(picture, panels[title]), title
+    contribution, cos, attention = (panels[t] for t in (contribution_title, "cos map: how alike each cell is",
+                                                        "attention: % of the score per cell"))
+    np.testing.assert_allclose(contribution.images[0].get_array(), COS_MAP * ATTENTION_MAP)
+    np.testing.assert_allclose(cos.images[0].get_array(), COS_MAP)
+    np.testing.assert_allclose(attention.images[0].get_array(), 100 * ATTENTION_MAP, rtol=1e-6)
+    assert len(cos.texts) == len(attention.texts) == len(contribution.texts) == 49
+    assert cos.texts[0].get_text() == f"{COS_MAP[0, 0]:.2f}"
+    assert contribution.images[0].norm.vmax == 0.05
+    assert contribution.texts[0].get_text() == f"{round(1000 * COS_MAP[0, 0] * ATTENTION_MAP[0, 0]) + 0.0:.0f}"
+    # The cos scale is -1..1 centred at 0 with even ticks; contributions are centred at 0 on a
+    # round symmetric range; the attention scale is the same in every picture.
+    assert (cos.images[0].norm.vmin, cos.images[0].norm.vmax) == (-1, 1)
+    limit = contribution.images[0].norm.vmax
+    assert contribution.images[0].norm.vmin == -limit and limit >= np.abs(COS_MAP * ATTENTION_MAP).max()
+    assert f"{limit:g}"[-1] in "125"
+    assert attention.images[0].norm.vmax == explain_picture.ATTENTION_MAX_PERCENT
+    np.testing.assert_allclose(cos.images[0].colorbar.get_ticks(), [-1, -0.5, 0, 0.5, 1])
+    np.testing.assert_allclose(contribution.images[0].colorbar.get_ticks(), np.linspace(-limit, limit, 5))
     suptitle = figure.get_suptitle()
-    assert "a.jpg vs b.jpg" in suptitle and "0.420" in suptitle and "SAME person" in suptitle
+    assert "a.jpg vs b.jpg" in suptitle and f"{result['score']:.3f}" in suptitle and "SAME person" in suptitle
+    # The notes and the bottom row's reading are in the picture, not only on stderr.
+    text = "\n".join(t.get_text() for ax in figure.axes for t in ax.texts)
+    assert "3 faces found in group.jpg" in text and "Bottom row (neck" in text
+
+
+def test_all_methods_draw_one_row_each_in_the_same_layout():
+    result = _result(("xcos", "decomposition", "gradcam"))
+    figure = explain_picture.explanation_figure(FACES[0], FACES[1], result)
+    picture = explain_picture.render_explanation(FACES[0], FACES[1], result)
+    assert picture.shape == (560 + 2 * 300, 1500, 3)
+    rows = figure.subfigs[1:]
+    assert [row.get_suptitle().split(":")[0] for row in rows] == [
+        "xCos", "Exact decomposition of the teacher's cosine", "Grad-CAM (signed, on the grid) of the embedding cosine"]
+    for row, name in zip(rows, ("xcos", "decomposition", "gradcam")):
+        first = [ax for ax in row.axes if ax.get_title()][:3]
+        assert first[2].get_title().startswith("contribution per cell")
+        np.testing.assert_allclose(first[2].images[0].get_array(), EXPLANATIONS[name]["contribution_map"])
+        for ax in first:
+            assert not _blank(picture, ax), (name, ax.get_title())
+    decomposition_text = "\n".join(t.get_text() for ax in rows[1].axes for t in ax.texts)
+    assert f"+ constant {0.05:.4f}" in decomposition_text
+    gradcam_panel = next(ax for ax in rows[2].axes if ax.get_title().startswith("Grad-CAM of face B"))
+    np.testing.assert_allclose(gradcam_panel.images[0].get_array(), GRADCAM_B)
+    written = [t.get_text() for t in gradcam_panel.texts]
+    assert "-0.0" not in written and max(map(len, written)) <= 5  # e.g. "-4.2" (±0.01 written as ±10.0)
 
 
 def test_picture_says_different_and_no_decision():
-    below = explain.explanation_figure(FACES[0], FACES[1], RESULT, threshold=0.5)
+    below = explain_picture.explanation_figure(FACES[0], FACES[1], _result(threshold=0.5))
     assert "DIFFERENT people" in below.get_suptitle()
-    undecided = explain.explanation_figure(FACES[0], FACES[1], RESULT, threshold=None)
+    undecided = explain_picture.explanation_figure(FACES[0], FACES[1], _result(threshold=None))
     assert "no calibrated threshold" in undecided.get_suptitle()
-    assert undecided.axes[2].images[0].norm.vcenter == 0.0
 
 
-def test_picture_rejects_mismatched_maps():
-    with pytest.raises(ValueError, match="differ in shape"):
-        explain.render_explanation(FACES[0], FACES[1], dict(RESULT, attention_map=np.ones((4, 4))))
+def test_picture_rejects_unknown_methods_and_bad_maps():
+    with pytest.raises(ValueError, match="must name some of"):
+        explain_picture.render_explanation(FACES[0], FACES[1], dict(_result(), methods={"lime": {}}))
+    bad = dict(_result(), methods={"xcos": dict(EXPLANATIONS["xcos"], cos_map=np.ones((2, 4, 4)))})
+    with pytest.raises(ValueError, match="one \\(H, W\\) map"):
+        explain_picture.render_explanation(FACES[0], FACES[1], bad)
+
+
+def test_round_range():
+    assert [explain_picture.round_range(np.array([v])) for v in (0.04, 0.05, 0.051, 0.3, 7.0, 0.0)] == \
+        [0.05, 0.05, 0.1, 0.5, 10.0, 1.0]
 
 
 def test_save_explanation_writes_a_png(tmp_path):
     path = tmp_path / "pair.png"
-    picture = explain.save_explanation(path, FACES[0], FACES[1], RESULT, threshold=0.25)
+    picture = explain_picture.save_explanation(path, FACES[0], FACES[1], _result())
     np.testing.assert_array_equal(align.read_image(path), picture)
 
 
@@ -105,15 +163,84 @@ def test_explain_photos_on_raw_photos_and_crops(shared_dir, tiny_runtime, aligne
     np.testing.assert_array_equal(result["face_b"], align.read_image(crop))  # the crop as it is
     assert "faces found" in result["notes"][0] and "largest" in result["notes"][0]
     assert "used as it is" in result["notes"][1]
+    # The library's picture names the photos as the command line's does.
+    assert result["title"] == f"{_wild(shared_dir, 'several_faces').name}  vs  {crop.name}"
+    figure = explain_picture.explanation_figure(result["face_a"], result["face_b"], result)
+    assert result["title"] in figure.get_suptitle()
     expected = tiny_runtime.verify(result["face_a"][None], result["face_b"][None])
     assert result["score"] == pytest.approx(float(expected["score"][0]), abs=1e-6)
-    assert result["cos_map"].shape == result["attention_map"].shape == (7, 7)
+    xcos = result["methods"]["xcos"]
+    assert xcos["cos_map"].shape == xcos["attention_map"].shape == (7, 7)
     assert result["decision"] == explain.decide(result["score"], 0.3) and result["threshold"] == 0.3
-    # The JSON part round-trips.
+    # The JSON part round-trips, the method's keys beside the verdict.
     restored = json.loads(json.dumps(explain.explanation_json(result)))
     assert restored["decision"] == result["decision"] and restored["threshold"] == 0.3
-    np.testing.assert_allclose(restored["cos_map"], result["cos_map"], atol=1e-6)
+    assert restored["method"] == "xcos" and restored["explains"] == "xcos score"
+    np.testing.assert_allclose(restored["cos_map"], xcos["cos_map"], atol=1e-6)
     np.testing.assert_allclose(np.sum(restored["attention_map"]), 1.0, atol=1e-4)
+    # xCos's contributions add up to its score.
+    np.testing.assert_allclose(np.sum(restored["contribution_map"]), result["score"], atol=1e-4)
+
+
+class DecomposingRuntime:
+    """A stub of an export with a `decompose` signature: the tiny runtime plus fixed contributions."""
+
+    CONTRIBUTIONS = np.linspace(-0.01, 0.02, 49, dtype=np.float32).reshape(1, 7, 7)
+    BIAS = 0.07
+
+    def __init__(self, runtime):
+        self._runtime = runtime
+        self.threshold, self.manifest = runtime.threshold, runtime.manifest
+        self.calls = []
+
+    def verify(self, image_a, image_b):
+        return self._runtime.verify(image_a, image_b)
+
+    def embed(self, image):
+        return self._runtime.embed(image)
+
+    def decompose(self, image_a, image_b):
+        self.calls.append((image_a.shape, image_b.shape))
+        score = self.CONTRIBUTIONS.sum(axis=(1, 2)) + self.BIAS
+        return {"score": score, "contribution_map": self.CONTRIBUTIONS, "bias": np.array([self.BIAS], np.float32)}
+
+
+def test_each_method_gives_a_contribution_map(tiny_runtime):
+    faces = tiny_verifiers.smooth_faces(2, seed=5)
+    decomposing = DecomposingRuntime(tiny_runtime)
+    result = explain.explain_faces(faces[0], faces[1], decomposing, methods=list(explain.METHODS))
+    assert list(result["methods"]) == ["xcos", "decomposition", "gradcam"]
+    decomposition = result["methods"]["decomposition"]
+    assert decomposing.calls == [((1, 112, 112, 3), (1, 112, 112, 3))]
+    np.testing.assert_array_equal(decomposition["contribution_map"], DecomposingRuntime.CONTRIBUTIONS[0])
+    assert decomposition["explained_score"] == pytest.approx(decomposition["contribution_map"].sum() + 0.07, abs=1e-6)
+    # Grad-CAM is the library's, on the grids that the runtime's embed gives.
+    grids = tiny_runtime.embed(faces.astype(np.float32))["grid"]
+    expected = gradcam.grid_gradcam(grids[:1], grids[1:])
+    for key in ("contribution_map", "gradcam_a", "gradcam_b"):
+        np.testing.assert_allclose(result["methods"]["gradcam"][key], expected[key][0], atol=1e-7)
+    assert result["methods"]["gradcam"]["explained_score"] == pytest.approx(float(expected["score"][0]))
+    printed = json.loads(json.dumps(explain.explanation_json(result)))
+    assert set(printed) == {"score", "decision", "threshold", "notes", "methods"}
+    for name, entry in printed["methods"].items():
+        assert np.shape(entry["contribution_map"]) == (7, 7), name
+        assert {"explains", "explained_score"} <= set(entry)
+    assert printed["methods"]["decomposition"]["bias"] == pytest.approx(0.07)
+
+
+def test_decomposition_needs_a_decompose_signature(tiny_runtime):
+    faces = tiny_verifiers.smooth_faces(2, seed=5)
+    assert not explain.method_available(tiny_runtime, "decomposition")
+    with pytest.raises(explain.MethodUnavailableError, match="this model folder has no decompose signature"):
+        explain.explain_faces(faces[0], faces[1], tiny_runtime, methods=["decomposition"])
+    with pytest.raises(ValueError, match="must be some of"):
+        explain.explain_faces(faces[0], faces[1], tiny_runtime, methods=["lime"])
+    # A runtime whose manifest lists its signatures has the method only when decompose is listed.
+    listed = DecomposingRuntime(tiny_runtime)
+    listed.manifest = {"signatures": {"verify": {}, "embed": {}, "compare": {}}}
+    assert not explain.method_available(listed, "decomposition")
+    listed.manifest["signatures"]["decompose"] = {}
+    assert explain.method_available(listed, "decomposition")
 
 
 def test_a_face_filling_a_large_photo_is_found_and_aligned_at_full_resolution(shared_dir, aligner):
@@ -144,7 +271,7 @@ def _run_explain(*args):
 def _main(capsys, *photos, **flag_values):
     """Runs explain's `main` in this process: (exit code, stdout, stderr)."""
     values = {"model": None, "format": "saved_model", "out": "", "json": False,
-              "detector": explain.DEFAULT_DETECTOR, **flag_values}
+              "detector": explain.DEFAULT_DETECTOR, "method": "xcos", "choose": "largest", **flag_values}
     args = types.SimpleNamespace(**{name: types.SimpleNamespace(value=value) for name, value in values.items()})
     code = 0
     try:
@@ -204,7 +331,44 @@ def test_without_a_threshold_only_the_score_is_printed(shared_dir, capsys, monke
     assert code == 0
     assert printed.startswith("score ") and "same" not in printed and "different" not in printed
     assert f"picture: {out}" in printed and "no calibrated threshold" in err
-    assert align.read_image(out).shape == (760, 1300, 3)
+    assert align.read_image(out).shape == (560, 1500, 3)
+
+
+def test_cli_methods(shared_dir, capsys, monkeypatch, tiny_runtime):
+    from xcos_tf import runtime
+
+    photos = _wild(shared_dir, "one_face"), _wild(shared_dir, "one_face", 1)
+    monkeypatch.setattr(runtime, "load", lambda model_dir, format: tiny_runtime)
+    code, _, err = _main(capsys, *photos, model="tiny", method="decomposition")
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("error: --method decomposition --model tiny: this model folder has no decompose signature")
+    # all: the rows the model can run, and a note for the one it cannot.
+    code, printed, err = _main(capsys, *photos, model="tiny", method="all", json=True)
+    assert code == 0, err
+    printed = json.loads(printed)
+    assert list(printed["methods"]) == ["xcos", "gradcam"]
+    assert "no decomposition row: this model folder has no decompose signature" in printed["notes"]
+    monkeypatch.setattr(runtime, "load", lambda model_dir, format: DecomposingRuntime(tiny_runtime))
+    code, printed, err = _main(capsys, *photos, model="tiny", method="decomposition", json=True)
+    assert code == 0, err
+    printed = json.loads(printed)
+    assert printed["method"] == "decomposition" and printed["explains"] == "teacher cosine"
+    assert {"score", "decision", "threshold", "contribution_map", "bias"} <= set(printed)
+
+
+def test_choose_picks_another_face_and_says_so(shared_dir, capsys, monkeypatch, tiny_runtime):
+    from xcos_tf import runtime
+
+    monkeypatch.setattr(runtime, "load", lambda model_dir, format: tiny_runtime)
+    group = _wild(shared_dir, "several_faces", 4)  # its largest face is not its most central one
+    scores = {}
+    for choice in ("largest", "central"):
+        code, printed, err = _main(capsys, group, _wild(shared_dir, "one_face"), model="tiny", choose=choice, json=True)
+        assert code == 0, err
+        printed = json.loads(printed)
+        assert f"using the {choice} one" in printed["notes"][0] and f"using the {choice} one" in err
+        scores[choice] = printed["score"]
+    assert scores["largest"] != scores["central"]
 
 
 @pytest.fixture(scope="module")
@@ -226,13 +390,14 @@ def test_cli_end_to_end_without_tensorflow(shared_dir, exported, tmp_path, model
     run = subprocess.run([sys.executable, "-c", blocked], cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr
     printed = json.loads(run.stdout)
-    assert set(printed) == {"score", "decision", "threshold", "cos_map", "attention_map", "notes"}
+    assert set(printed) == {"score", "decision", "threshold", "notes", "method", "explains", "explained_score",
+                            "contribution_map", "cos_map", "attention_map"}
     threshold = exported.manifest["threshold"]
     assert printed["threshold"] == pytest.approx(threshold)
     assert printed["decision"] == explain.decide(printed["score"], threshold)
     assert np.shape(printed["cos_map"]) == np.shape(printed["attention_map"]) == (7, 7)
     assert "faces found" in run.stderr and "using the largest" in run.stderr  # said on stderr
-    assert align.read_image(out).shape == (760, 1300, 3)
+    assert align.read_image(out).shape == (560, 1500, 3)
 
 
 def test_aligned_crops_need_no_face_detector(capsys, tmp_path):

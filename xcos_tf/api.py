@@ -25,7 +25,7 @@ import threading
 
 import numpy as np
 
-from xcos_tf import explain, runtime
+from xcos_tf import explain, explain_picture, runtime
 from xcos_tf.data import align
 
 DEFAULT_MODEL = pathlib.Path(__file__).resolve().parents[1] / "exported" / "default"
@@ -61,13 +61,6 @@ def as_rgb(image, label):
     if array.ndim != 3 or array.shape[2] != 3 or min(array.shape[:2]) == 0:
         raise ValueError(f"{label}: a numpy image must be RGB [H, W, 3]. Received: shape={array.shape}")
     return array
-
-
-def _title(image_a, image_b):
-    """'a.jpg  vs  b.jpg' when both are files (as the command line titles its picture), else None."""
-    if isinstance(image_a, (str, os.PathLike)) and isinstance(image_b, (str, os.PathLike)):
-        return f"{os.path.basename(os.fspath(image_a))}  vs  {os.path.basename(os.fspath(image_b))}"
-    return None
 
 
 class _MissingDetector:
@@ -143,10 +136,10 @@ class FaceModel:
     def explain(self, image_a, image_b, out=None):
         """The explanation picture (RGB uint8 [H, W, 3]) of a pair; also written as a PNG at `out`."""
         result = self.verify(image_a, image_b)
-        kwargs = dict(threshold=result["threshold"], title=_title(image_a, image_b))
+        title = explain.pair_title(image_a, image_b)  # as the command line titles its picture
         if out is not None:
-            return explain.save_explanation(out, result["face_a"], result["face_b"], result, **kwargs)
-        return explain.render_explanation(result["face_a"], result["face_b"], result, **kwargs)
+            return explain_picture.save_explanation(out, result["face_a"], result["face_b"], result, title=title)
+        return explain_picture.render_explanation(result["face_a"], result["face_b"], result, title=title)
 
     def decompose(self, image_a, image_b):
         """The exact per-cell decomposition of the teacher's cosine, for exports with a `decompose` signature."""

@@ -4,7 +4,7 @@
 
 A Gradio page (install with `pip install "xcos_tf[demo]"`). Each photo is detected and aligned
 with YuNet (the largest face; aligned 112x112 crops are used as they are), verified by the
-exported model, and explained with `xcos_tf.explain.render_explanation`.
+exported model, and explained with `xcos_tf.explain_picture.render_explanation`.
 
 What the page accepts and where things go:
 - Uploads: JPEG, PNG, WebP or BMP, at most `--max_upload_mb` (10 MB) and 50 megapixels. A wrong
@@ -27,7 +27,7 @@ import types
 import cv2
 from absl import app, flags
 
-from xcos_tf import explain, runtime  # runtime imports a format's engine only in load()
+from xcos_tf import explain, explain_picture, runtime  # runtime imports a format's engine only in load()
 from xcos_tf.data import align, image_io
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -76,11 +76,11 @@ def summary_markdown(result):
     return "\n".join([headline] + [f"- {note}" for note in result["notes"]])
 
 
-def compare_uploads(upload_a, upload_b, runtime_model, aligner, max_bytes):
+def compare_uploads(upload_a, upload_b, runtime_model, aligner, max_bytes, method="xcos"):
     """Explains one pair of uploads -> (summary Markdown, picture RGB uint8).
 
-    `upload_a`, `upload_b` are Gradio file payloads (dicts with `path` and `orig_name`) or None.
-    Raises `UploadError` with a message for the page.
+    `upload_a`, `upload_b` are Gradio file payloads (dicts with `path` and `orig_name`) or None;
+    `method` is one of `method_choices(runtime_model)`. Raises `UploadError` with a message for the page.
     """
     names, faces, notes = [], [], []
     for label, upload in (("photo A", upload_a), ("photo B", upload_b)):
@@ -96,11 +96,15 @@ def compare_uploads(upload_a, upload_b, runtime_model, aligner, max_bytes):
         names.append(name)
         faces.append(face)
         notes += [note] if note else []
-    result = explain.explain_faces(faces[0], faces[1], runtime_model, notes)
-    picture = explain.render_explanation(
-        faces[0], faces[1], result, threshold=result["threshold"], title="  vs  ".join(names)
-    )
+    methods, method_notes = explain.chosen_methods(method, runtime_model)
+    result = explain.explain_faces(faces[0], faces[1], runtime_model, notes + method_notes, methods)
+    picture = explain_picture.render_explanation(faces[0], faces[1], result, title="  vs  ".join(names))
     return summary_markdown(result), picture
+
+
+def method_choices(runtime_model):
+    """The explanation methods the page offers: those the model can run, and "all"."""
+    return [method for method in explain.METHODS if explain.method_available(runtime_model, method)] + ["all"]
 
 
 def build_demo(runtime_model, aligner, max_bytes=MAX_UPLOAD_MB * MB, model_label="", gallery=None):
@@ -109,9 +113,9 @@ def build_demo(runtime_model, aligner, max_bytes=MAX_UPLOAD_MB * MB, model_label
     `gallery`: an `xcos_tf.gallery.Gallery`, searched in a tab of its own (`--gallery INDEX`)."""
     import gradio as gr
 
-    def on_compare(upload_a, upload_b):
+    def on_compare(upload_a, upload_b, method):
         try:
-            return compare_uploads(upload_a, upload_b, runtime_model, aligner, max_bytes)
+            return compare_uploads(upload_a, upload_b, runtime_model, aligner, max_bytes, method)
         except (UploadError, runtime.ModelOutputError) as err:
             # A user's mistake (or a broken model, named as such), not a crash: no traceback in
             # the log. 20 s on screen, so that the message of an earlier try does not linger.
@@ -128,6 +132,9 @@ def build_demo(runtime_model, aligner, max_bytes=MAX_UPLOAD_MB * MB, model_label
                          height=300, elem_id=f"photo_{side.lower()}")
                 for side in "AB"
             ]
+        method = gr.Radio(method_choices(runtime_model), value="xcos", label="Explanation method",
+                          info="xcos: the model's cos x attention; decomposition: the exact split of the teacher's "
+                               "cosine; gradcam: Grad-CAM baseline; all: one row each", elem_id="method")
         compare = gr.Button("Compare", variant="primary", elem_id="compare")
         summary = gr.Markdown(elem_id="summary")
         picture = gr.Image(label="Why: the explanation", format="png", interactive=False,
@@ -141,7 +148,7 @@ def build_demo(runtime_model, aligner, max_bytes=MAX_UPLOAD_MB * MB, model_label
         # where Gradio's PIL preprocessing would fail with a generic error. Gradio still checks
         # that the paths are its own uploads. concurrency_limit=1 (the default) matters: the
         # OpenCV detector is not thread-safe.
-        compare.click(on_compare, inputs=photo_inputs, outputs=[summary, picture], preprocess=False)
+        compare.click(on_compare, inputs=[*photo_inputs, method], outputs=[summary, picture], preprocess=False)
         for photo in photo_inputs:  # a stale result must not look like the answer for new photos
             photo.change(lambda: ("", None), outputs=[summary, picture])
         if gallery is not None:

@@ -2,8 +2,8 @@
 
 One row per (probe, hit): the probe's aligned face, the hit's aligned face (person, photo and
 score in the title), the cos map laid over the hit (blue: the cells match, red: they differ,
-centred at the threshold) and the hit under the attention veil (bright: the cells that counted).
-The panels are `xcos_tf.explain`'s, so they read as in the pair explanation.
+centred at 0) and the hit under the attention veil (bright: the cells that counted).
+The panels are `xcos_tf.explain_picture`'s, so they read as in the pair explanation.
 """
 import os
 
@@ -11,7 +11,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from xcos_tf import explain
+from xcos_tf import explain_picture
 
 MAX_ROWS = 24  # a picture stays readable; the JSON has every hit
 
@@ -24,16 +24,16 @@ def search_figure(results, threshold=None):
     figure = Figure(figsize=(10.0, 2.6 * len(rows)), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(len(rows), 4, squeeze=False)
-    norm = explain._cos_norm(threshold)  # the pair picture's colours, centred at the threshold
+    norm = explain_picture.cos_norm()  # the pair picture's colours
     for row, (label, probe, hit) in zip(axes, rows):
         cos_map = np.asarray(hit["cos_map"], np.float32)
         attention_map = np.asarray(hit["attention_map"], np.float32)
         verdict = "" if threshold is None else ("  same" if hit["score"] >= threshold else "  different")
-        explain._face_panel(row[0], probe, cos_map.shape, f"probe: {label}")
-        explain._face_panel(row[1], hit["face"], cos_map.shape,
+        explain_picture.face_panel(row[0], probe, cos_map.shape, f"probe: {label}")
+        explain_picture.face_panel(row[1], hit["face"], cos_map.shape,
                             f"{hit['identity']}: {hit['score']:.3f}{verdict}\n{os.path.basename(hit['photo'])}")
-        explain._overlay_panel(row[2], hit["face"], cos_map, explain.COS_CMAP, norm, "cos: blue match, red differ")
-        explain._spotlight_panel(row[3], hit["face"], attention_map, "attention: bright = counted")
+        explain_picture.overlay_panel(row[2], hit["face"], cos_map, norm, "cos: blue match, red differ")
+        explain_picture.spotlight_panel(row[3], hit["face"], attention_map, "attention: bright = counted")
     return figure
 
 
