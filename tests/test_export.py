@@ -188,12 +188,12 @@ def test_bad_sources_are_named(tmp_path):
 
 
 def test_a_training_run_folder_is_restored_through_train(tmp_path, monkeypatch):
-    from xcos_tf import train
+    from xcos_tf.training import run_folder
 
     (tmp_path / "params.json").write_text("{}")
     trainer = export_testing.tiny_trainer()
     restored_from = []
-    monkeypatch.setattr(train, "load_trainer", lambda model_dir: restored_from.append(model_dir) or trainer)
+    monkeypatch.setattr(run_folder, "load_trainer", lambda model_dir: restored_from.append(model_dir) or trainer)
     verifier = export.resolve_verifier(str(tmp_path))
     assert restored_from == [str(tmp_path)]
     assert verifier.verify.get_layer("xcos") is trainer.xcos

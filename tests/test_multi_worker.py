@@ -174,17 +174,17 @@ def test_two_workers_train_like_one_process_and_only_the_chief_writes(tmp_path, 
         import json
         import keras
         import tensorflow as tf
-        from xcos_tf import train
-        config = train.TrainConfig.from_json({str(model_dir / "params.json")!r})
-        train.configure_cpu_devices(2)
-        strategy = train.make_strategy("mirrored")
+        from xcos_tf.training import config as train_config, factory, inputs, loop
+        config = train_config.TrainConfig.from_json({str(model_dir / "params.json")!r})
+        factory.configure_cpu_devices(2)
+        strategy = factory.make_strategy("mirrored")
         keras.utils.set_random_seed(config.seed)
         with strategy.scope():
-            trainer = train.build_model(config, strategy.num_replicas_in_sync)
+            trainer = factory.build_model(config, strategy.num_replicas_in_sync)
         per_replica = tf.distribute.InputOptions(experimental_replication_mode=tf.distribute.InputReplicationMode.PER_REPLICA)
-        dataset_fn = train.train_dataset_fn(config, config.batch_size * strategy.num_replicas_in_sync, 0, 0)
+        dataset_fn = inputs.train_dataset_fn(config, config.batch_size * strategy.num_replicas_in_sync, 0, 0)
         iterator = iter(strategy.distribute_datasets_from_function(dataset_fn, per_replica))
-        train_step = train.make_train_step(strategy, trainer)
+        train_step = loop.make_train_step(strategy, trainer)
         print("LOSSES", json.dumps([float(train_step(iterator)["loss"]) for _ in range(config.train_steps)]))
     """)
     result = _run_python(["-c", script])

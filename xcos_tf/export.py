@@ -45,6 +45,7 @@ from xcos_tf import layers
 from xcos_tf import model as xcos_model
 from xcos_tf.data import align, records
 from xcos_tf.runtime import FORMATS, MANIFEST_FILE
+from xcos_tf.training import run_folder
 
 SIGNATURES = ("verify", "embed", "compare")
 ONNX_OPSET = 17
@@ -76,11 +77,9 @@ def resolve_verifier(source):
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if os.path.isdir(path):
-            if not os.path.isfile(os.path.join(path, "params.json")):
+            if not os.path.isfile(os.path.join(path, run_folder.PARAMS_FILE)):
                 raise ValueError(f"{path!r} is a folder without params.json: not a training run (--model_dir).")
-            from xcos_tf import train  # only for run folders: train imports the whole data stack
-
-            return xcos_model.build_verifier(train.load_trainer(path))
+            return xcos_model.build_verifier(run_folder.load_trainer(path))
         if path.endswith(".keras"):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"Model file not found: {path!r}")
