@@ -13,6 +13,8 @@ from ai_edge_litert.interpreter import Interpreter
 import export_testing
 from export_testing import REPO_ROOT
 from xcos_tf import export
+from xcos_tf.export import manifest as export_manifest
+from xcos_tf.export import onnx as export_onnx
 from xcos_tf.data import records
 
 SIGNATURE_IO = {
@@ -43,6 +45,7 @@ def test_folder_holds_every_format_with_checksums(exported):
     assert manifest["grid_size"] == [7, 7] and manifest["model"]["embedding_size"] == 1568
     assert manifest["input"]["shape"] == [None, 112, 112, 3] and manifest["input"]["range"] == [0, 255]
     assert manifest["versions"]["tensorflow"] == tf.__version__
+    assert manifest["normalisation"]["mean"] == 127.5 and manifest["normalisation"]["std"] == 127.5
     quantization = manifest["formats"]["tflite_int8"]["quantization"]
     assert quantization["calibration_faces"] > 100 and quantization["int8_ops"] > 0
     assert "SOFTMAX" in quantization["float32_op_types"]  # the xCos head stays float, as documented
@@ -143,7 +146,7 @@ def test_failed_export_leaves_the_previous_folder_untouched(exported, tmp_path, 
     def broken_onnx(*args, **kwargs):
         raise RuntimeError("simulated crash in the ONNX step")
 
-    monkeypatch.setattr(export, "convert_onnx", broken_onnx)
+    monkeypatch.setattr(export_onnx, "convert_onnx", broken_onnx)
     with pytest.raises(RuntimeError, match="simulated crash"):
         export.export_model(exported.verifier, str(out), formats=["saved_model", "onnx"])
     assert os.listdir(tmp_path) == ["deploy"]  # no staging folder left beside it
@@ -173,8 +176,10 @@ def test_staged_folder_replaces_only_when_complete(tmp_path):
     ],
 )
 def test_bad_arguments_are_named(tmp_path, kwargs, message):
+    # The faces' expected size is read from the model (the tiny model takes 112x112 faces).
+    verifier = export.resolve_verifier(export_testing.tiny_trainer())
     with pytest.raises(ValueError, match=message):
-        export.export_model(str(tmp_path / "model.keras"), str(tmp_path / "out"), **kwargs)
+        export.export_model(verifier, str(tmp_path / "out"), **kwargs)
     assert not (tmp_path / "out").exists()
 
 
@@ -208,3 +213,37 @@ def test_cli_names_a_missing_model_file(tmp_path):
     assert result.returncode == 2
     assert "Model file not found" in result.stderr and "missing.keras" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("scale, offset, mean, std", [(1 / 127.5, -1.0, 127.5, 127.5), (1 / 128, -127.5 / 128, 127.5, 128.0)])
+def test_manifest_normalisation_reproduces_the_models_first_layer(scale, offset, mean, std):
+    """The project's backbones scale x / 127.5 - 1, an ONNX body (x - 127.5) / 128: the manifest says
+    which, read from the model, and its formula gives the first layer's output."""
+    import keras
+
+    from xcos_tf import model as xcos_model
+    from xcos_tf.backbones import common
+
+    image, pixels = common.pixel_input((32, 32, 3), scale=scale, offset=offset)
+    features = keras.layers.Conv2D(4, 3, strides=8, padding="same")(pixels)
+    trainer = xcos_model.build_trainer(keras.Model(image, features), num_classes=2, image_shape=(32, 32, 3), grid_channels=4)
+    verifier = xcos_model.build_verifier(trainer)
+    normalisation = export_manifest.pixel_normalisation(verifier)
+    assert normalisation["inside_model"] and (normalisation["mean"], normalisation["std"]) == (mean, std)
+    rescaling = export_manifest.first_rescaling_layer(verifier.embed)
+    first_layer = keras.Model(rescaling.input, rescaling.output)
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(
+        np.asarray(first_layer(pixels)), (pixels - normalisation["mean"]) / normalisation["std"], rtol=0, atol=1e-6
+    )
+
+
+def test_read_manifest_checks_the_schema(tmp_path):
+    good = {"formats": {"onnx": {}}, "threshold": 0.5, "input": {"shape": [None, 112, 112, 3]},
+            "model": {"grid_shape": [7, 7, 32]}}
+    (tmp_path / "manifest.json").write_text(json.dumps(good))
+    assert export_manifest.read_manifest(str(tmp_path)) == good
+    for field, bad in [("threshold", "0.5"), ("threshold", float("nan")), ("formats", {}), ("formats", ["onnx"])]:
+        (tmp_path / "manifest.json").write_text(json.dumps(dict(good, **{field: bad})))
+        with pytest.raises(ValueError, match=f"`{field}`"):
+            export_manifest.read_manifest(str(tmp_path))
