@@ -4,7 +4,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from xcos_tf import metrics
+from xcos_tf import metrics, scoring
 from xcos_tf import model as xcos_model
 from xcos_tf.data import pipeline
 
@@ -28,16 +28,13 @@ class Evaluator:
         self.dataset = dataset
 
     def evaluate(self, trainer, step):
-        verifier = xcos_model.build_verifier(trainer)
+        scorer = scoring.VerifierScorer(xcos_model.build_verifier(trainer))
         results = {"score": [], "cosine": [], "is_same": [], "fold": []}
         panels = None
         for batch in self.dataset:
-            # One backbone pass per face: embed both, then compare the grids.
-            face_a = verifier.embed({"image": batch["image_a"]}, training=False)
-            face_b = verifier.embed({"image": batch["image_b"]}, training=False)
-            outputs = verifier.compare({"grid_a": face_a["grid"], "grid_b": face_b["grid"]}, training=False)
-            results["score"].append(np.asarray(outputs["score"]))
-            results["cosine"].append(np.sum(np.asarray(face_a["embedding"]) * np.asarray(face_b["embedding"]), axis=-1))
+            outputs = scoring.score_pairs(scorer, batch["image_a"].numpy(), batch["image_b"].numpy(), EVAL_BATCH)
+            results["score"].append(outputs["score"])
+            results["cosine"].append(outputs["cosine"])
             results["is_same"].append(batch["is_same"].numpy())
             results["fold"].append(batch["fold"].numpy())
             if panels is None:
