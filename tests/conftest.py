@@ -7,13 +7,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import pytest  # noqa: E402
 
+from xcos_tf import paths  # noqa: E402
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DIR = REPO_ROOT.parent / "shared"
+SHARED_DIR = pathlib.Path(paths.shared_dir())  # $XCOS_SHARED_DIR, else ../shared
 
 
 @pytest.fixture(scope="session")
 def shared_dir():
-    """../shared from the repo root; tests that need it skip on a machine without it."""
+    """The shared folder (xcos_tf.paths); tests that need it skip on a machine without it."""
     if not (SHARED_DIR / "data").is_dir():
         pytest.skip(f"needs the shared data folder at {SHARED_DIR} (absent on this machine)")
     return SHARED_DIR

@@ -18,7 +18,6 @@ No TensorFlow import here: with a TFLite or ONNX runtime, explain runs without i
 """
 import json
 import os
-import pathlib
 import sys
 import types
 
@@ -33,8 +32,8 @@ from matplotlib.figure import Figure
 
 from xcos_tf import runtime  # numpy only; the chosen format's backend is imported by `load`
 from xcos_tf.data import align
+from xcos_tf.paths import DEFAULT_DETECTOR
 
-DEFAULT_DETECTOR = str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "models" / "yunet.onnx")
 COS_CMAP = "RdBu"  # red: the cells differ, blue: they match (colour-blind safe)
 ATTENTION_CMAP = "viridis"
 OVERLAY_ALPHA = 0.55

@@ -7,9 +7,9 @@ import keras
 from keras import ops
 
 from xcos_tf import layers
+from xcos_tf.data.records import UNLABELLED
 
 MARGIN_HEADS = {"cosface": layers.CosFace, "arcface": layers.ArcFace}
-UNLABELLED = -1  # label of a face with no known identity: it gets no margin-softmax loss
 
 Verifier = collections.namedtuple("Verifier", ["verify", "embed", "compare"])
 Verifier.__doc__ = """The three inference models that share one set of weights.
