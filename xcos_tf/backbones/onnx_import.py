@@ -25,7 +25,7 @@ import onnx
 from onnx import numpy_helper
 
 from xcos_tf.backbones import common
-from xcos_tf.backbones.onnx_ops import CONVERTERS, NCHW, NHWC, Tensor, Unsupported, node_attributes
+from xcos_tf.backbones.onnx_ops import BINARY_OPS, CONVERTERS, NCHW, NHWC, Tensor, Unsupported, node_attributes
 
 # Ops that end the convolutional body (the embedding head starts there): the automatic
 # feature map search stops quietly at them, while any other unsupported op on a spatial
@@ -134,7 +134,7 @@ class _Importer:
         if converter is None:
             raise Unsupported("unsupported op")
         # The image-derived operand comes first, except for binary ops, where either may be it.
-        operands = inputs[:2] if converter is _binary else inputs[:1]
+        operands = inputs[:2] if node.op_type in BINARY_OPS else inputs[:1]
         if not any(isinstance(i, Tensor) for i in operands):
             raise Unsupported("computes a constant (constant folding is not supported)")
         return converter(self, node, inputs, node_attributes(node))

@@ -301,6 +301,8 @@ def _transpose(importer, node, inputs, attributes):
     return [Tensor(x.value, tuple(x.perm[i] for i in perm))]
 
 
+BINARY_OPS = frozenset({"Add", "Sub", "Mul", "Div"})  # either operand may be the image-derived one
+
 CONVERTERS = {
     "Conv": _conv,
     "BatchNormalization": _batch_normalization,
