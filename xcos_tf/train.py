@@ -14,26 +14,25 @@ Example:
     python -m xcos_tf.train --flagfile=xcos_tf/configs/local_mobilefacenet.flags \
         --model_dir=runs/local
 """
-import sys
+from xcos_tf import cli
 
-from absl import app
+cli.quiet_startup(__name__)  # before TensorFlow is imported
 
-from xcos_tf.training import config as train_config
-from xcos_tf.training import loop
+from xcos_tf.training import config as train_config  # noqa: E402
+from xcos_tf.training import loop  # noqa: E402
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        raise cli.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
         config = train_config.TrainConfig.from_flags()
         config.validate()
         loop.train(config)
     except train_config.ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        raise cli.UserError(str(error)) from None
 
 
 if __name__ == "__main__":
     train_config.define_flags()
-    app.run(main)
+    cli.run(main)

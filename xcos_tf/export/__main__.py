@@ -1,14 +1,17 @@
 """`python -m xcos_tf.export --weights RUN_DIR_OR_KERAS --out DIR [--formats ...]`: see `xcos_tf.export`."""
 import logging as python_logging
 import os
-import sys
 
-import numpy as np
-from absl import app, flags, logging
+from xcos_tf import cli
 
-from xcos_tf.data import align
-from xcos_tf.export.deployment import CALIBRATION_SIZE, export_model, load_faces, resolve_verifier
-from xcos_tf.runtime import FORMATS
+cli.quiet_startup(__name__)  # before TensorFlow is imported
+
+import numpy as np  # noqa: E402
+from absl import flags, logging  # noqa: E402
+
+from xcos_tf.data import align  # noqa: E402
+from xcos_tf.export.deployment import CALIBRATION_SIZE, export_model, load_faces, resolve_verifier  # noqa: E402
+from xcos_tf.runtime import FORMATS  # noqa: E402
 
 
 def define_flags():
@@ -31,7 +34,7 @@ def define_flags():
 
 def main(argv, args):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        raise cli.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
     values = {key: holder.value for key, holder in args.items()}
     # TensorFlow's own INFO lines (signature renames, saver timings) drown the export's progress.
     logging.get_absl_handler().addFilter(
@@ -59,9 +62,8 @@ def main(argv, args):
             sample_faces=sample,
             model_card=values["model_card"],
         )
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    except (ValueError, OSError) as error:  # OSError: e.g. --out under a file (one line, not a traceback)
+        raise cli.UserError(str(error)) from None
     for path, entry in manifest["files"].items():
         print(f"{entry['bytes']:>12,d}  {path}")
     print(f"Exported to {os.path.abspath(values['out'])}")
@@ -70,4 +72,4 @@ def main(argv, args):
 if __name__ == "__main__":
     _ARGS = define_flags()
     flags.mark_flags_as_required(["weights", "out"])
-    app.run(lambda argv: main(argv, _ARGS))
+    cli.run(lambda argv: main(argv, _ARGS))
