@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT
+from common_testing import REPO_ROOT
 
 
 def _run(*args):

@@ -8,7 +8,7 @@ import types
 import numpy as np
 import pytest
 import tiny_verifiers
-from conftest import REPO_ROOT
+from common_testing import REPO_ROOT
 
 from xcos_tf import evaluate, scoring
 from xcos_tf.data import align

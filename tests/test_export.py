@@ -25,8 +25,8 @@ SIGNATURE_IO = {
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, shared_dir):
-    return export_testing.exported_model(tmp_path_factory, shared_dir)
+def exported(tmp_path_factory):
+    return export_testing.exported_model(tmp_path_factory)
 
 
 def test_folder_holds_every_format_with_checksums(exported):
@@ -39,18 +39,22 @@ def test_folder_holds_every_format_with_checksums(exported):
     for path, entry in manifest["files"].items():
         assert records.sha256_file(out / path) == entry["sha256"], path
     assert {"saved_model/xcos/1/saved_model.pb", "models.config", "tf_serving_request.json", "xcos.tflite",
-            "xcos_fp16.tflite", "xcos_int8.tflite", "xcos_verify.onnx", "xcos_embed.onnx",
-            "xcos_compare.onnx"} <= written
+            "xcos_fp16.tflite", "xcos_verify.onnx", "xcos_embed.onnx", "xcos_compare.onnx"} <= written
     assert manifest["threshold"] == export_testing.THRESHOLD and manifest["threshold_far"] == export_testing.FAR
     assert manifest["grid_size"] == [7, 7] and manifest["model"]["embedding_size"] == 1568
     assert manifest["input"]["shape"] == [None, 112, 112, 3] and manifest["input"]["range"] == [0, 255]
     assert manifest["versions"]["tensorflow"] == tf.__version__
     assert manifest["normalisation"]["mean"] == 127.5 and manifest["normalisation"]["std"] == 127.5
-    quantization = manifest["formats"]["tflite_int8"]["quantization"]
-    assert quantization["calibration_faces"] > 100 and quantization["int8_ops"] > 0
-    assert "SOFTMAX" in quantization["float32_op_types"]  # the xCos head stays float, as documented
     config = (out / "models.config").read_text()
     assert 'name: "xcos"' in config and 'base_path: "/models/xcos/saved_model/xcos"' in config
+
+
+def test_int8_keeps_the_xcos_head_in_float(exported):
+    export_testing.require_format(exported, "tflite_int8")
+    assert "xcos_int8.tflite" in exported.manifest["files"]
+    quantization = exported.manifest["formats"]["tflite_int8"]["quantization"]
+    assert quantization["calibration_faces"] > 100 and quantization["int8_ops"] > 0
+    assert "SOFTMAX" in quantization["float32_op_types"]  # the xCos head stays float, as documented
 
 
 def test_saved_model_cli_lists_the_signatures(exported):
@@ -69,6 +73,8 @@ def test_saved_model_cli_lists_the_signatures(exported):
 
 @pytest.mark.parametrize("file_name", ["xcos.tflite", "xcos_fp16.tflite", "xcos_int8.tflite"])
 def test_tflite_has_the_three_signatures_with_float_io(exported, file_name):
+    if file_name == "xcos_int8.tflite":
+        export_testing.require_format(exported, "tflite_int8")
     interpreter = Interpreter(model_path=str(exported.dir / file_name))
     signatures = interpreter.get_signature_list()
     assert {name: (set(io["inputs"]), set(io["outputs"])) for name, io in signatures.items()} == SIGNATURE_IO

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.training_testing import mean_loss, train_on_batch
+from training_testing import mean_loss, train_on_batch
 from xcos_tf import model
 
 IMAGE_SHAPE = (32, 32, 3)

@@ -15,21 +15,14 @@ import pytest
 import tensorflow as tf
 from absl import flags
 
-from conftest import REPO_ROOT
+from common_testing import REPO_ROOT, TINY_BACKBONE_SPEC
+from training_testing import checkpoint_counters, run_python
 from xcos_tf.training import config as train_config, factory, in_graph_teacher, inputs, loop, run_folder
 from xcos_tf.data import align, pipeline, records
 
 IMAGE_SHAPE = (32, 32, 3)
-# Subprocesses run in the repo root, where the tiny test backbone imports as tests.conftest.
-TINY_BACKBONE = "tests.conftest:tiny_backbone"
 TIMEOUT = 240
-
-
-def _run_python(args, **kwargs):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO_ROOT))
-    return subprocess.run(
-        [sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT, **kwargs
-    )
+TINY_BACKBONE = TINY_BACKBONE_SPEC
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +72,7 @@ def default_and_mirrored(tmp_path_factory, data_dir):
     """)
     (runs / "default.json").write_text(default.to_json())
     (runs / "mirrored.json").write_text(mirrored.to_json())
-    result = _run_python(["-c", script])
+    result = run_python(["-c", script])
     assert result.returncode == 0, result.stderr[-3000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("HISTORIES"))
     history_default, history_mirrored = json.loads(line[len("HISTORIES"):])
@@ -126,14 +119,6 @@ def test_mirrored_matches_default_for_the_same_global_batch(default_and_mirrored
     assert history_mirrored["loss"] != history_default["loss"][:3]  # it really ran on two replicas
 
 
-def _checkpoint_counters(model_dir):
-    reader = tf.train.load_checkpoint(os.path.join(model_dir, "checkpoints"))
-    names = reader.get_variable_to_shape_map()
-    step = reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")
-    iterations = [reader.get_tensor(n) for n in names if n.startswith("optimizers/") and "/_iterations/" in n]
-    return int(step), [int(i) for i in iterations]
-
-
 def test_kill_and_resume_continues_from_the_saved_step(tmp_path):
     model_dir = tmp_path / "run"
     command = [
@@ -154,25 +139,25 @@ def test_kill_and_resume_continues_from_the_saved_step(tmp_path):
     finally:
         first.kill()
         first.wait()
-    saved_step, _ = _checkpoint_counters(model_dir)
+    saved_step, _ = checkpoint_counters(model_dir)
     assert 20 <= saved_step < 150
 
-    second = _run_python(command)
+    second = run_python(command)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"Resuming at step {saved_step}" in second.stderr
-    step, iterations = _checkpoint_counters(model_dir)
+    step, iterations = checkpoint_counters(model_dir)
     # Every optimizer applied exactly one update per step: no step ran twice or was lost.
     assert step == 150 and iterations and all(i == 150 for i in iterations)
 
-    third = _run_python(command)
+    third = run_python(command)
     assert third.returncode == 0, third.stderr[-3000:]
     assert "is finished" in third.stderr
-    assert _checkpoint_counters(model_dir)[0] == 150
+    assert checkpoint_counters(model_dir)[0] == 150
 
 
 def test_flag_errors_name_the_flag(tmp_path):
     """A missing shard path: exit code 2 and the flag named, no traceback, nothing written."""
-    result = _run_python(["-m", "xcos_tf.train", f"--model_dir={tmp_path}", "--train_shards=/nonexistent/*.tfrecord"])
+    result = run_python(["-m", "xcos_tf.train", f"--model_dir={tmp_path}", "--train_shards=/nonexistent/*.tfrecord"])
     assert result.returncode == 2
     assert "--train_shards matches no file: '/nonexistent/*.tfrecord'" in result.stderr
     assert "Traceback" not in result.stderr
@@ -220,7 +205,7 @@ def test_config_errors_name_the_flag(tmp_path, data_dir):
 
 
 def test_in_graph_teacher_gives_the_cosine_and_no_gradient(tmp_path):
-    from conftest import tiny_backbone
+    from common_testing import tiny_backbone
 
     teacher_model = keras.Sequential([tiny_backbone(IMAGE_SHAPE), keras.layers.GlobalAveragePooling2D()])
     teacher_model.save(tmp_path / "teacher.keras")
@@ -236,11 +221,11 @@ def test_in_graph_teacher_gives_the_cosine_and_no_gradient(tmp_path):
 
 
 def test_pretrained_backbone_frozen_or_at_a_lower_rate(tmp_path, data_dir):
-    from conftest import tiny_backbone
+    from common_testing import tiny_backbone
 
     pretrained = tiny_backbone(IMAGE_SHAPE)
     pretrained.save_weights(tmp_path / "tiny.weights.h5")
-    config = tiny_config(tmp_path, data_dir, backbone="conftest:tiny_backbone", num_classes=4,
+    config = tiny_config(tmp_path, data_dir, backbone="common_testing:tiny_backbone", num_classes=4,
                          init_backbone=str(tmp_path / "tiny.weights.h5"), backbone_lr_multiplier=0.1,
                          attention_optimizer="adam")
     trainer = factory.build_model(config)
@@ -260,10 +245,10 @@ def test_pretrained_backbone_frozen_or_at_a_lower_rate(tmp_path, data_dir):
 def test_init_from_a_trained_run_copies_every_part(tmp_path, data_dir):
     """--init_from: a head trained with the backbone frozen (e.g. on cached maps) goes on with
     the backbone trainable; each part starts from the saved weights, the optimizers afresh."""
-    from conftest import tiny_backbone
+    from common_testing import tiny_backbone
 
     tiny_backbone(IMAGE_SHAPE).save_weights(tmp_path / "tiny.weights.h5")
-    base = dict(backbone="conftest:tiny_backbone", num_classes=4, init_backbone=str(tmp_path / "tiny.weights.h5"))
+    base = dict(backbone="common_testing:tiny_backbone", num_classes=4, init_backbone=str(tmp_path / "tiny.weights.h5"))
     first = factory.build_model(tiny_config(tmp_path / "a", data_dir, freeze_backbone=True, ce_weight=0.0, **base))
     for weight in first.grid_head.weights + first.xcos.weights:
         weight.assign(np.random.default_rng(0).normal(size=weight.shape).astype("float32"))

@@ -3,6 +3,7 @@ import os
 
 import pytest
 
+from common_testing import TINY_BACKBONE_SPEC
 from xcos_tf.training import config as train_config, loop, run_folder
 from xcos_tf.data import features, records
 
@@ -10,7 +11,7 @@ from xcos_tf.data import features, records
 def _config(tmp_path, **overrides):
     shards = records.write_synthetic_shards(tmp_path / "shards", num_shards=2, records_per_shard=12, num_classes=3)
     values = dict(model_dir=str(tmp_path / "run"), train_shards=(str(tmp_path / "shards" / "*.tfrecord"),),
-                  backbone="tests.conftest:tiny_backbone", freeze_backbone=True, cache_backbone_features=True,
+                  backbone=TINY_BACKBONE_SPEC, freeze_backbone=True, cache_backbone_features=True,
                   train_steps=4, batch_size=4, steps_per_epoch=2, export_formats=(), checkpoint_every=2, log_every=2)
     values.update(overrides)
     assert shards
