@@ -29,9 +29,9 @@ import types
 
 import numpy as np
 import tqdm
-from absl import app, flags
+from absl import flags
 
-from xcos_tf import metrics, runtime
+from xcos_tf import cli, metrics, runtime
 from xcos_tf.occlusion import GREY, OCCLUDERS, SQUARE_SIZE, cell_coverage, grey_cells, occlude, occluder_box
 from xcos_tf.scoring import BATCH_SIZE, compare_grids, embed_faces, row_cosine
 from xcos_tf.data import align
@@ -454,4 +454,4 @@ def main(argv, args):
 if __name__ == "__main__":
     _ARGS = define_flags()
     flags.mark_flags_as_required(["model", "pairs"])
-    app.run(lambda argv: main(argv, _ARGS))
+    cli.run(lambda argv: main(argv, _ARGS))
