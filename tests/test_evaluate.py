@@ -200,7 +200,7 @@ def test_main_on_pair_shards(tmp_path, tmp_path_factory, shared_dir, capsys):
     the subprocess test below covers `python -m`)."""
     import export_testing
 
-    exported = export_testing.exported_model(tmp_path_factory, shared_dir)  # shared with test_export
+    exported = export_testing.exported_model(tmp_path_factory)  # shared with test_export
     values = {"model": str(exported.dir), "format": "saved_model",
               "pairs": str(tmp_path / "shards"), "teacher": None, "out_dir": str(tmp_path / "out"), "max_pairs": None,
               "deletion_pairs": 2, "seed": 0, "detector": evaluate.DEFAULT_DETECTOR,

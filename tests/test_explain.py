@@ -211,7 +211,7 @@ def test_without_a_threshold_only_the_score_is_printed(shared_dir, capsys, monke
 def exported(tmp_path_factory, shared_dir):
     import export_testing
 
-    return export_testing.exported_model(tmp_path_factory, shared_dir)  # one export, shared with test_export
+    return export_testing.exported_model(tmp_path_factory)  # one export, shared with test_export
 
 
 @pytest.mark.parametrize("model_format", ["tflite", "onnx"])
