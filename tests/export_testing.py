@@ -1,14 +1,15 @@
 """One tiny exported model per test session, shared by test_export.py and test_runtime.py.
 
 Exporting every format takes about a minute even for a tiny model, so it happens once per
-process (`exported_model`), from a `.keras` file, with int8 calibrated on real aligned faces.
+process (`exported_model`), from a `.keras` file; it needs no shared data (int8 only with real faces).
 """
 import types
 
 import keras
 import numpy as np
+import pytest
 
-from conftest import REPO_ROOT, tiny_backbone  # noqa: F401 (REPO_ROOT is re-exported)
+from common_testing import REPO_ROOT, SHARED_DIR, tiny_backbone  # noqa: F401 (REPO_ROOT is re-exported)
 from xcos_tf import export
 from xcos_tf import model as xcos_model
 
@@ -36,7 +37,7 @@ _CACHE = {}
 
 
 def tiny_backbone_7x7():
-    """112x112 pixels -> 7x7x16: a 2x pooling before conftest's H/8 tiny backbone (stride 16)."""
+    """112x112 pixels -> 7x7x16: a 2x pooling before common_testing's H/8 tiny backbone (stride 16)."""
     image = keras.Input((112, 112, 3), name="image")
     pooled = keras.layers.AveragePooling2D(2, name="pool")(image)
     return keras.Model(image, tiny_backbone((56, 56, 3))(pooled), name="tiny7")
@@ -62,26 +63,53 @@ def tiny_trainer(seed=0):
     return trainer
 
 
-def exported_model(tmp_path_factory, shared_dir):
-    """The session's export (all formats) of `tiny_trainer()`, with its faces and verifier."""
+def generated_faces(count, size=112, seed=0):
+    """Smooth random uint8 images [count, size, size, 3]: stand-ins for aligned faces, so the export
+    round trip runs on a clean clone without the shared data."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (count, 14, 14, 3), dtype=np.uint8)
+    return np.stack([cv2.resize(image, (size, size), interpolation=cv2.INTER_CUBIC) for image in coarse])
+
+
+def exported_model(tmp_path_factory):
+    """The session's export of `tiny_trainer()`, with its held-out faces and verifier.
+
+    With the shared folder: every format, int8 calibrated on real glint_sample faces. Without
+    it: generated faces and every format but tflite_int8 (`require_format` skips those tests).
+    """
     if "model" not in _CACHE:
         root = tmp_path_factory.mktemp("export")
         trainer = tiny_trainer()
         keras_path = root / "tiny.keras"
         trainer.save(keras_path)
-        faces = export.load_faces(shared_dir / "data" / "glint_sample" / "images", limit=176)
+        real_faces = SHARED_DIR / "data" / "glint_sample" / "images"
+        if real_faces.is_dir():
+            faces = export.load_faces(real_faces, limit=176)
+        else:
+            faces = generated_faces(176)
         is_test = np.arange(len(faces)) % 4 == 0
+        formats = list(export.FORMATS) if real_faces.is_dir() else [f for f in export.FORMATS if f != "tflite_int8"]
         out_dir = root / "deploy"
         manifest = export.export_model(
-            str(keras_path), str(out_dir), calibration_images=faces[~is_test], threshold=THRESHOLD, far=FAR
+            str(keras_path), str(out_dir), formats=formats, threshold=THRESHOLD, far=FAR,
+            calibration_images=faces[~is_test],
         )
         _CACHE["model"] = types.SimpleNamespace(
             dir=out_dir,
             manifest=manifest,
+            formats=formats,
             verifier=xcos_model.build_verifier(trainer),
             faces=faces[is_test],  # never seen by the calibration
         )
     return _CACHE["model"]
+
+
+def require_format(exported, model_format):
+    """Skips a test of a format the session's export does not hold (int8 needs real faces)."""
+    if model_format not in exported.formats:
+        pytest.skip(f"{model_format} is calibrated on real faces from the shared folder (absent on this machine)")
 
 
 def keras_outputs(model, inputs):

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_backbone
+from common_testing import tiny_backbone
 from xcos_tf.data import features, records
 
 

@@ -148,7 +148,7 @@ def test_script_help_runs_both_ways():
 def test_bad_detect_padding_is_refused(tmp_path):
     result = subprocess.run([sys.executable, "-m", "tools.make_shards", "--detect_padding=-3",
                              f"--out_dir={tmp_path / 'o'}"], cwd=REPO_ROOT, capture_output=True, text=True)
-    assert result.returncode == 1 and "flag --detect_padding=-3: -3 is not a non-negative integer" in result.stderr
+    assert result.returncode == 2 and "flag --detect_padding=-3: -3 is not a non-negative integer" in result.stderr
     # Padding for detection contradicts taking images as aligned crops without detection.
     with pytest.raises(ValueError, match="detect_padding=24 pads images for face detection, but assume_aligned"):
         prepare.FacePreparer(prepare.Settings(detector=None, assume_aligned=True, detect_padding=24))
@@ -160,8 +160,8 @@ def test_command_line_errors_are_messages(tmp_path):
         [sys.executable, "-m", "tools.make_shards", f"--input={tmp_path / 'absent'}", f"--out_dir={tmp_path / 'o'}",
          "--detector=none", "--assume_aligned", "--teacher=none"],
         cwd=REPO_ROOT, capture_output=True, text=True)
-    assert result.returncode == 1
-    assert "make_shards: error: --input: no such folder" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2  # xcos_tf.cli: every user error exits 2
+    assert "error: make_shards: --input: no such folder" in result.stderr and "Traceback" not in result.stderr
 
 
 # === With ../shared: real faces, the teacher, LFW pairs and a .bin ===

@@ -161,7 +161,7 @@ def _free_loopback_port():
 
 
 def _tiny_backbone_7x7(make_tiny_backbone):
-    """The conftest tiny backbone (stride 8) plus one pooling: 7x7 cells at 112x112, like the real ones."""
+    """The common_testing tiny backbone (stride 8) plus one pooling: 7x7 cells at 112x112, like the real ones."""
     base = make_tiny_backbone((112, 112, 3))
     return keras.Model(base.input, keras.layers.MaxPooling2D(2)(base.output), name="tiny_7x7")
 

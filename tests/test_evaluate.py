@@ -8,9 +8,9 @@ import types
 import numpy as np
 import pytest
 import tiny_verifiers
-from conftest import REPO_ROOT
+from common_testing import REPO_ROOT
 
-from xcos_tf import evaluate
+from xcos_tf import evaluate, scoring
 from xcos_tf.data import align
 
 
@@ -80,11 +80,11 @@ def test_deletion_follows_theory_with_uniform_attention(patch_uniform):
     face_b = (0.5 * face_a + 0.5 * face_b).astype(np.uint8)  # some cells alike, some not
     clean = patch_uniform.verify(face_a[None], face_b[None])
     cos_map = clean["cos_map"][0].reshape(-1)
-    _, grid_a = evaluate.embed_faces(patch_uniform, face_a[None])
+    _, grid_a = scoring.embed_faces(patch_uniform, face_a[None])
     # Greying cell k zeroes that cell (cosine 0) and nothing else: the score drops by cos_k / 49.
     single = np.stack([evaluate.grey_cells(face_b, [k], (7, 7)) for k in range(49)])
-    _, grid_b = evaluate.embed_faces(patch_uniform, single)
-    drops = clean["score"][0] - evaluate.compare_grids(patch_uniform, np.repeat(grid_a, 49, 0), grid_b)["score"]
+    _, grid_b = scoring.embed_faces(patch_uniform, single)
+    drops = clean["score"][0] - scoring.compare_grids(patch_uniform, np.repeat(grid_a, 49, 0), grid_b)["score"]
     np.testing.assert_allclose(drops, cos_map / 49, atol=1e-5)
     assert np.argmax(drops) == np.argmax(cos_map)  # removing the most similar cell costs most
     # Cumulative deletion in contribution order falls at least as fast as any order.
@@ -200,7 +200,7 @@ def test_main_on_pair_shards(tmp_path, tmp_path_factory, shared_dir, capsys):
     the subprocess test below covers `python -m`)."""
     import export_testing
 
-    exported = export_testing.exported_model(tmp_path_factory, shared_dir)  # shared with test_export
+    exported = export_testing.exported_model(tmp_path_factory)  # shared with test_export
     values = {"model": str(exported.dir), "format": "saved_model",
               "pairs": str(tmp_path / "shards"), "teacher": None, "out_dir": str(tmp_path / "out"), "max_pairs": None,
               "deletion_pairs": 2, "seed": 0, "detector": evaluate.DEFAULT_DETECTOR,

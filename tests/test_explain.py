@@ -8,7 +8,7 @@ import types
 import numpy as np
 import pytest
 import tiny_verifiers
-from conftest import REPO_ROOT
+from common_testing import REPO_ROOT
 
 from xcos_tf import explain, explain_picture
 from xcos_tf.data import align
@@ -375,7 +375,7 @@ def test_choose_picks_another_face_and_says_so(shared_dir, capsys, monkeypatch, 
 def exported(tmp_path_factory, shared_dir):
     import export_testing
 
-    return export_testing.exported_model(tmp_path_factory, shared_dir)  # one export, shared with test_export
+    return export_testing.exported_model(tmp_path_factory)  # one export, shared with test_export
 
 
 @pytest.mark.parametrize("model_format", ["tflite", "onnx"])

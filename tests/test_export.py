@@ -13,6 +13,8 @@ from ai_edge_litert.interpreter import Interpreter
 import export_testing
 from export_testing import REPO_ROOT
 from xcos_tf import export
+from xcos_tf.export import manifest as export_manifest
+from xcos_tf.export import onnx as export_onnx
 from xcos_tf.data import records
 
 SIGNATURE_IO = {
@@ -23,8 +25,8 @@ SIGNATURE_IO = {
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, shared_dir):
-    return export_testing.exported_model(tmp_path_factory, shared_dir)
+def exported(tmp_path_factory):
+    return export_testing.exported_model(tmp_path_factory)
 
 
 def test_folder_holds_every_format_with_checksums(exported):
@@ -37,17 +39,22 @@ def test_folder_holds_every_format_with_checksums(exported):
     for path, entry in manifest["files"].items():
         assert records.sha256_file(out / path) == entry["sha256"], path
     assert {"saved_model/xcos/1/saved_model.pb", "models.config", "tf_serving_request.json", "xcos.tflite",
-            "xcos_fp16.tflite", "xcos_int8.tflite", "xcos_verify.onnx", "xcos_embed.onnx",
-            "xcos_compare.onnx"} <= written
+            "xcos_fp16.tflite", "xcos_verify.onnx", "xcos_embed.onnx", "xcos_compare.onnx"} <= written
     assert manifest["threshold"] == export_testing.THRESHOLD and manifest["threshold_far"] == export_testing.FAR
     assert manifest["grid_size"] == [7, 7] and manifest["model"]["embedding_size"] == 1568
     assert manifest["input"]["shape"] == [None, 112, 112, 3] and manifest["input"]["range"] == [0, 255]
     assert manifest["versions"]["tensorflow"] == tf.__version__
-    quantization = manifest["formats"]["tflite_int8"]["quantization"]
-    assert quantization["calibration_faces"] > 100 and quantization["int8_ops"] > 0
-    assert "SOFTMAX" in quantization["float32_op_types"]  # the xCos head stays float, as documented
+    assert manifest["normalisation"]["mean"] == 127.5 and manifest["normalisation"]["std"] == 127.5
     config = (out / "models.config").read_text()
     assert 'name: "xcos"' in config and 'base_path: "/models/xcos/saved_model/xcos"' in config
+
+
+def test_int8_keeps_the_xcos_head_in_float(exported):
+    export_testing.require_format(exported, "tflite_int8")
+    assert "xcos_int8.tflite" in exported.manifest["files"]
+    quantization = exported.manifest["formats"]["tflite_int8"]["quantization"]
+    assert quantization["calibration_faces"] > 100 and quantization["int8_ops"] > 0
+    assert "SOFTMAX" in quantization["float32_op_types"]  # the xCos head stays float, as documented
 
 
 def test_saved_model_cli_lists_the_signatures(exported):
@@ -66,6 +73,8 @@ def test_saved_model_cli_lists_the_signatures(exported):
 
 @pytest.mark.parametrize("file_name", ["xcos.tflite", "xcos_fp16.tflite", "xcos_int8.tflite"])
 def test_tflite_has_the_three_signatures_with_float_io(exported, file_name):
+    if file_name == "xcos_int8.tflite":
+        export_testing.require_format(exported, "tflite_int8")
     interpreter = Interpreter(model_path=str(exported.dir / file_name))
     signatures = interpreter.get_signature_list()
     assert {name: (set(io["inputs"]), set(io["outputs"])) for name, io in signatures.items()} == SIGNATURE_IO
@@ -143,7 +152,7 @@ def test_failed_export_leaves_the_previous_folder_untouched(exported, tmp_path, 
     def broken_onnx(*args, **kwargs):
         raise RuntimeError("simulated crash in the ONNX step")
 
-    monkeypatch.setattr(export, "convert_onnx", broken_onnx)
+    monkeypatch.setattr(export_onnx, "convert_onnx", broken_onnx)
     with pytest.raises(RuntimeError, match="simulated crash"):
         export.export_model(exported.verifier, str(out), formats=["saved_model", "onnx"])
     assert os.listdir(tmp_path) == ["deploy"]  # no staging folder left beside it
@@ -173,8 +182,10 @@ def test_staged_folder_replaces_only_when_complete(tmp_path):
     ],
 )
 def test_bad_arguments_are_named(tmp_path, kwargs, message):
+    # The faces' expected size is read from the model (the tiny model takes 112x112 faces).
+    verifier = export.resolve_verifier(export_testing.tiny_trainer())
     with pytest.raises(ValueError, match=message):
-        export.export_model(str(tmp_path / "model.keras"), str(tmp_path / "out"), **kwargs)
+        export.export_model(verifier, str(tmp_path / "out"), **kwargs)
     assert not (tmp_path / "out").exists()
 
 
@@ -188,12 +199,12 @@ def test_bad_sources_are_named(tmp_path):
 
 
 def test_a_training_run_folder_is_restored_through_train(tmp_path, monkeypatch):
-    from xcos_tf import train
+    from xcos_tf.training import run_folder
 
     (tmp_path / "params.json").write_text("{}")
     trainer = export_testing.tiny_trainer()
     restored_from = []
-    monkeypatch.setattr(train, "load_trainer", lambda model_dir: restored_from.append(model_dir) or trainer)
+    monkeypatch.setattr(run_folder, "load_trainer", lambda model_dir: restored_from.append(model_dir) or trainer)
     verifier = export.resolve_verifier(str(tmp_path))
     assert restored_from == [str(tmp_path)]
     assert verifier.verify.get_layer("xcos") is trainer.xcos
@@ -208,3 +219,37 @@ def test_cli_names_a_missing_model_file(tmp_path):
     assert result.returncode == 2
     assert "Model file not found" in result.stderr and "missing.keras" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("scale, offset, mean, std", [(1 / 127.5, -1.0, 127.5, 127.5), (1 / 128, -127.5 / 128, 127.5, 128.0)])
+def test_manifest_normalisation_reproduces_the_models_first_layer(scale, offset, mean, std):
+    """The project's backbones scale x / 127.5 - 1, an ONNX body (x - 127.5) / 128: the manifest says
+    which, read from the model, and its formula gives the first layer's output."""
+    import keras
+
+    from xcos_tf import model as xcos_model
+    from xcos_tf.backbones import common
+
+    image, pixels = common.pixel_input((32, 32, 3), scale=scale, offset=offset)
+    features = keras.layers.Conv2D(4, 3, strides=8, padding="same")(pixels)
+    trainer = xcos_model.build_trainer(keras.Model(image, features), num_classes=2, image_shape=(32, 32, 3), grid_channels=4)
+    verifier = xcos_model.build_verifier(trainer)
+    normalisation = export_manifest.pixel_normalisation(verifier)
+    assert normalisation["inside_model"] and (normalisation["mean"], normalisation["std"]) == (mean, std)
+    rescaling = export_manifest.first_rescaling_layer(verifier.embed)
+    first_layer = keras.Model(rescaling.input, rescaling.output)
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(
+        np.asarray(first_layer(pixels)), (pixels - normalisation["mean"]) / normalisation["std"], rtol=0, atol=1e-6
+    )
+
+
+def test_read_manifest_checks_the_schema(tmp_path):
+    good = {"formats": {"onnx": {}}, "threshold": 0.5, "input": {"shape": [None, 112, 112, 3]},
+            "model": {"grid_shape": [7, 7, 32]}}
+    (tmp_path / "manifest.json").write_text(json.dumps(good))
+    assert export_manifest.read_manifest(str(tmp_path)) == good
+    for field, bad in [("threshold", "0.5"), ("threshold", float("nan")), ("formats", {}), ("formats", ["onnx"])]:
+        (tmp_path / "manifest.json").write_text(json.dumps(dict(good, **{field: bad})))
+        with pytest.raises(ValueError, match=f"`{field}`"):
+            export_manifest.read_manifest(str(tmp_path))

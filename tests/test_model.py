@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from training_testing import mean_loss, train_on_batch
 from xcos_tf import model
 
 IMAGE_SHAPE = (32, 32, 3)
@@ -51,9 +52,9 @@ def test_training_lowers_the_loss_and_moves_every_part(trainer, two_optimizers):
         "attention": trainer.xcos,
     }
     before = {name: [w.numpy().copy() for w in part.trainable_weights] for name, part in parts.items()}
-    first = trainer.evaluate(batch, batch_size=8, verbose=0, return_dict=True)["loss"]
-    trainer.fit(batch, batch_size=8, epochs=15, verbose=0, shuffle=False)
-    last = trainer.evaluate(batch, batch_size=8, verbose=0, return_dict=True)["loss"]
+    first = mean_loss(trainer, batch)
+    train_on_batch(trainer, batch, steps=15)
+    last = mean_loss(trainer, batch)
     assert last < 0.8 * first
     for name, part in parts.items():
         moved = [not np.allclose(b, w.numpy()) for b, w in zip(before[name], part.trainable_weights)]
@@ -89,8 +90,8 @@ def test_without_ce_the_margin_head_is_skipped_and_files_still_round_trip(make_t
     assert float(terms["ce_loss"]) == 0.0
     np.testing.assert_allclose(float(terms["loss"]), np.mean((np.asarray(out["score"]) - batch["teacher_cos"]) ** 2), rtol=1e-5)
     trainer.compile(optimizer=keras.optimizers.Adam(1e-2))
-    history = trainer.fit(batch, batch_size=8, epochs=10, verbose=0, shuffle=False).history
-    assert history["loss"][-1] < 0.5 * history["loss"][0]
+    losses = train_on_batch(trainer, batch, steps=10)
+    assert losses[-1] < 0.5 * losses[0]
     path = str(tmp_path / "no_ce.keras")
     trainer.save(path)
     clone = keras.saving.load_model(path)
@@ -116,7 +117,7 @@ def test_verifier_models_agree(trainer):
 def test_keras_file_round_trip_gives_identical_outputs(trainer, tmp_path):
     batch = random_batch(np.random.default_rng(4), size=2)
     trainer.compile(optimizer=keras.optimizers.SGD(0.01), attention_optimizer=keras.optimizers.Adam(1e-3))
-    trainer.fit(batch, batch_size=2, epochs=1, verbose=0)  # move BN statistics off their defaults
+    train_on_batch(trainer, batch, steps=1)  # move BN statistics off their defaults
     path = tmp_path / "trainer.keras"
     trainer.save(path)
     reloaded = keras.saving.load_model(path)
@@ -128,7 +129,8 @@ def test_keras_file_round_trip_gives_identical_outputs(trainer, tmp_path):
     for key in ("score", "cos_map", "attention_map", "logits", "embedding"):
         np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(expected[key]))
     from_file = model.build_verifier(str(path)).verify({"image_a": batch["image_a"], "image_b": batch["image_b"]})
-    np.testing.assert_array_equal(np.asarray(from_file["score"]), np.asarray(expected["score"]))
+    # The verifier runs the backbone on each face batch alone (the trainer on both at once): equal to float rounding.
+    np.testing.assert_allclose(np.asarray(from_file["score"]), np.asarray(expected["score"]), rtol=0, atol=1e-6)
 
 
 def test_arcface_and_fixed_attention_configs_round_trip(make_tiny_backbone):
@@ -170,8 +172,8 @@ def test_real_backbone_trains_one_step():
         "label_a": np.array([0, 1], "int32"), "label_b": np.array([0, 2], "int32"),
         "teacher_cos": np.array([0.7, 0.0], "float32"),
     }
-    history = trainer.fit(batch, batch_size=2, epochs=1, verbose=0)
-    assert np.isfinite(history.history["loss"][0])
+    (loss,) = train_on_batch(trainer, batch, steps=1)
+    assert np.isfinite(loss)
     out = model.build_verifier(trainer).verify({"image_a": batch["image_a"], "image_b": batch["image_b"]})
     assert tuple(out["cos_map"].shape) == (2, 7, 7)
     assert tf.reduce_all(tf.abs(out["score"]) <= 1.0)

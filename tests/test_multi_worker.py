@@ -27,9 +27,11 @@ import time
 import pytest
 import tensorflow as tf
 
-from conftest import REPO_ROOT
-from test_train import IMAGE_SHAPE, TINY_BACKBONE, _checkpoint_counters, _run_python
+from common_testing import REPO_ROOT, TINY_BACKBONE_SPEC as TINY_BACKBONE
+from training_testing import checkpoint_counters, run_python
 from xcos_tf.data import records
+
+IMAGE_SHAPE = (32, 32, 3)
 
 NUM_SHARDS = 4
 BATCH_SIZE = 8  # pairs per replica: 2 workers x 1 replica = a global batch of 16 pairs
@@ -174,20 +176,20 @@ def test_two_workers_train_like_one_process_and_only_the_chief_writes(tmp_path, 
         import json
         import keras
         import tensorflow as tf
-        from xcos_tf import train
-        config = train.TrainConfig.from_json({str(model_dir / "params.json")!r})
-        train.configure_cpu_devices(2)
-        strategy = train.make_strategy("mirrored")
+        from xcos_tf.training import config as train_config, factory, inputs, loop
+        config = train_config.TrainConfig.from_json({str(model_dir / "params.json")!r})
+        factory.configure_cpu_devices(2)
+        strategy = factory.make_strategy("mirrored")
         keras.utils.set_random_seed(config.seed)
         with strategy.scope():
-            trainer = train.build_model(config, strategy.num_replicas_in_sync)
+            trainer = factory.build_model(config, strategy.num_replicas_in_sync)
         per_replica = tf.distribute.InputOptions(experimental_replication_mode=tf.distribute.InputReplicationMode.PER_REPLICA)
-        dataset_fn = train.train_dataset_fn(config, config.batch_size * strategy.num_replicas_in_sync, 0, 0)
+        dataset_fn = inputs.train_dataset_fn(config, config.batch_size * strategy.num_replicas_in_sync, 0, 0)
         iterator = iter(strategy.distribute_datasets_from_function(dataset_fn, per_replica))
-        train_step = train.make_train_step(strategy, trainer)
+        train_step = loop.make_train_step(strategy, trainer)
         print("LOSSES", json.dumps([float(train_step(iterator)["loss"]) for _ in range(config.train_steps)]))
     """)
-    result = _run_python(["-c", script])
+    result = run_python(["-c", script])
     assert result.returncode == 0, result.stderr[-3000:]
     reference = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("LOSSES"))[len("LOSSES"):])
     (two_workers,) = _losses_by_run(model_dir / "logs")
@@ -212,7 +214,7 @@ def test_a_killed_worker_and_a_restarted_job_resume_from_the_last_checkpoint(tmp
     # manager expects before it restarts the job.
     assert first.wait(timeout=120)[0] != 0
     assert "UnavailableError" in first.log(0)
-    saved_step, _ = _checkpoint_counters(model_dir)
+    saved_step, _ = checkpoint_counters(model_dir)
     assert 2 * checkpoint_every <= saved_step < train_steps
 
     second = start_job(command, "second", ports)  # the same command lines and TF_CONFIG
@@ -221,7 +223,7 @@ def test_a_killed_worker_and_a_restarted_job_resume_from_the_last_checkpoint(tmp
     for index in range(2):
         assert f"Resuming at step {saved_step}: 2 replica(s)" in second.log(index)
     # Every optimizer applied exactly one update per step: nothing ran twice, nothing was lost.
-    step, iterations = _checkpoint_counters(model_dir)
+    step, iterations = checkpoint_counters(model_dir)
     assert step == train_steps and iterations and all(i == train_steps for i in iterations)
     # One checkpoint every 5 steps, none twice; the restarted run logged steps from the resume point on.
     assert _checkpoint_steps(model_dir) == list(range(checkpoint_every, train_steps + 1, checkpoint_every))

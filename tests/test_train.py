@@ -15,21 +15,14 @@ import pytest
 import tensorflow as tf
 from absl import flags
 
-from conftest import REPO_ROOT
-from xcos_tf import train
+from common_testing import REPO_ROOT, TINY_BACKBONE_SPEC
+from training_testing import checkpoint_counters, run_python
+from xcos_tf.training import config as train_config, factory, in_graph_teacher, inputs, loop, run_folder
 from xcos_tf.data import align, pipeline, records
 
 IMAGE_SHAPE = (32, 32, 3)
-# Subprocesses run in the repo root, where the tiny test backbone imports as tests.conftest.
-TINY_BACKBONE = "tests.conftest:tiny_backbone"
 TIMEOUT = 240
-
-
-def _run_python(args, **kwargs):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO_ROOT))
-    return subprocess.run(
-        [sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT, **kwargs
-    )
+TINY_BACKBONE = TINY_BACKBONE_SPEC
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +51,7 @@ def tiny_config(model_dir, data_dir, **overrides):
         eval_every=6, deterministic=True, shuffle_buffer=32, export_formats=(),
     )
     values.update(overrides)
-    return train.TrainConfig(**values)
+    return train_config.TrainConfig(**values)
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +65,14 @@ def default_and_mirrored(tmp_path_factory, data_dir):
                            eval_pairs=eval_pairs, eval_every=3)
     script = textwrap.dedent(f"""
         import json
-        from xcos_tf import train
-        train.configure_cpu_devices(2)
-        histories = [train.train(train.TrainConfig.from_json(path)) for path in {[str(runs / "default.json"), str(runs / "mirrored.json")]!r}]
+        from xcos_tf.training import config as train_config, factory, in_graph_teacher, inputs, loop, run_folder
+        factory.configure_cpu_devices(2)
+        histories = [loop.train(train_config.TrainConfig.from_json(path)) for path in {[str(runs / "default.json"), str(runs / "mirrored.json")]!r}]
         print("HISTORIES", json.dumps(histories))
     """)
     (runs / "default.json").write_text(default.to_json())
     (runs / "mirrored.json").write_text(mirrored.to_json())
-    result = _run_python(["-c", script])
+    result = run_python(["-c", script])
     assert result.returncode == 0, result.stderr[-3000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("HISTORIES"))
     history_default, history_mirrored = json.loads(line[len("HISTORIES"):])
@@ -111,7 +104,7 @@ def test_training_lowers_the_loss_and_writes_the_run(default_and_mirrored):
 
     # The export tool's entry: the trainer rebuilt from params.json and the latest checkpoint
     # equals the final model, every weight included.
-    restored = train.load_trainer(run_dir)
+    restored = run_folder.load_trainer(run_dir)
     final = keras.saving.load_model(os.path.join(run_dir, "final.keras"), compile=False)
     for restored_weight, final_weight in zip(restored.weights, final.weights):
         np.testing.assert_allclose(restored_weight.numpy(), final_weight.numpy(), err_msg=final_weight.path)
@@ -124,14 +117,6 @@ def test_mirrored_matches_default_for_the_same_global_batch(default_and_mirrored
     # Same data and initial weights; only batch-norm statistics are per replica (8 pairs, not 16).
     np.testing.assert_allclose(history_mirrored["loss"], history_default["loss"][:3], rtol=0.05)
     assert history_mirrored["loss"] != history_default["loss"][:3]  # it really ran on two replicas
-
-
-def _checkpoint_counters(model_dir):
-    reader = tf.train.load_checkpoint(os.path.join(model_dir, "checkpoints"))
-    names = reader.get_variable_to_shape_map()
-    step = reader.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE")
-    iterations = [reader.get_tensor(n) for n in names if n.startswith("optimizers/") and "/_iterations/" in n]
-    return int(step), [int(i) for i in iterations]
 
 
 def test_kill_and_resume_continues_from_the_saved_step(tmp_path):
@@ -154,55 +139,81 @@ def test_kill_and_resume_continues_from_the_saved_step(tmp_path):
     finally:
         first.kill()
         first.wait()
-    saved_step, _ = _checkpoint_counters(model_dir)
+    saved_step, _ = checkpoint_counters(model_dir)
     assert 20 <= saved_step < 150
 
-    second = _run_python(command)
+    second = run_python(command)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"Resuming at step {saved_step}" in second.stderr
-    step, iterations = _checkpoint_counters(model_dir)
+    step, iterations = checkpoint_counters(model_dir)
     # Every optimizer applied exactly one update per step: no step ran twice or was lost.
     assert step == 150 and iterations and all(i == 150 for i in iterations)
 
-    third = _run_python(command)
+    third = run_python(command)
     assert third.returncode == 0, third.stderr[-3000:]
     assert "is finished" in third.stderr
-    assert _checkpoint_counters(model_dir)[0] == 150
+    assert checkpoint_counters(model_dir)[0] == 150
 
 
 def test_flag_errors_name_the_flag(tmp_path):
     """A missing shard path: exit code 2 and the flag named, no traceback, nothing written."""
-    result = _run_python(["-m", "xcos_tf.train", f"--model_dir={tmp_path}", "--train_shards=/nonexistent/*.tfrecord"])
+    result = run_python(["-m", "xcos_tf.train", f"--model_dir={tmp_path}", "--train_shards=/nonexistent/*.tfrecord"])
     assert result.returncode == 2
     assert "--train_shards matches no file: '/nonexistent/*.tfrecord'" in result.stderr
     assert "Traceback" not in result.stderr
     assert not os.listdir(tmp_path)
     # Values outside a flag's choices fail in absl's parser, which names the flag too.
+    flag_values = train_config.define_flags(flags.FlagValues())
     with pytest.raises(flags.IllegalFlagValueError, match="--strategy=tpu"):
-        flags.FLAGS(["xcos_tf.train", "--strategy=tpu"])
+        flag_values(["xcos_tf.train", "--strategy=tpu"])
+
+
+def test_every_config_field_is_a_flag_with_the_same_default():
+    """The flags are generated from TrainConfig: same names, defaults, and list fields as lists."""
+    flag_values = train_config.define_flags(flags.FlagValues())
+    fields = {field.name: field for field in dataclasses.fields(train_config.TrainConfig)}
+    assert set(flag_values) == set(fields)
+    for name, field in fields.items():
+        default = list(field.default) if isinstance(field.default, tuple) else field.default
+        assert flag_values[name].default == default, name
+        assert flag_values[name].help.endswith(field.metadata["help"]), name  # enums prepend <choices>:
+    flag_values(["xcos_tf.train", "--model_dir=/tmp/run", "--margin=arcface"])
+    config = train_config.TrainConfig.from_flags(flag_values)
+    assert (config.margin_scale, config.margin_value) == (64.0, 0.5)  # ArcFace's own defaults, not CosFace's
+
+
+def test_margin_defaults_follow_the_margin_unless_given_and_params_record_them():
+    cosface = train_config.TrainConfig(model_dir="x")
+    arcface = train_config.TrainConfig(model_dir="x", margin="arcface")
+    given = train_config.TrainConfig(model_dir="x", margin="arcface", margin_scale=32.0, margin_value=0.3)
+    assert (cosface.margin_scale, cosface.margin_value) == (30.0, 0.35)
+    assert (arcface.margin_scale, arcface.margin_value) == (64.0, 0.5)
+    assert (given.margin_scale, given.margin_value) == (32.0, 0.3)
+    params = json.loads(arcface.to_json())
+    assert (params["margin_scale"], params["margin_value"]) == (64.0, 0.5)
 
 
 def test_config_errors_name_the_flag(tmp_path, data_dir):
-    with pytest.raises(train.ConfigError, match="--backbone"):
+    with pytest.raises(train_config.ConfigError, match="--backbone"):
         tiny_config(tmp_path, data_dir, backbone="resnet9000").validate()
-    with pytest.raises(train.ConfigError, match="--init_backbone"):
+    with pytest.raises(train_config.ConfigError, match="--init_backbone"):
         tiny_config(tmp_path, data_dir, init_backbone="onnx:/nonexistent.onnx").validate()
-    with pytest.raises(train.ConfigError, match="--teacher"):
+    with pytest.raises(train_config.ConfigError, match="--teacher"):
         tiny_config(tmp_path, data_dir, teacher="/nonexistent_saved_model").validate()
-    with pytest.raises(train.ConfigError, match="num_classes=2"):
-        train.resolve_data(tiny_config(tmp_path, data_dir, num_classes=2))  # the shards hold labels 0..3
+    with pytest.raises(train_config.ConfigError, match="num_classes=2"):
+        inputs.resolve_data(tiny_config(tmp_path, data_dir, num_classes=2))  # the shards hold labels 0..3
 
 
 def test_in_graph_teacher_gives_the_cosine_and_no_gradient(tmp_path):
-    from conftest import tiny_backbone
+    from common_testing import tiny_backbone
 
     teacher_model = keras.Sequential([tiny_backbone(IMAGE_SHAPE), keras.layers.GlobalAveragePooling2D()])
     teacher_model.save(tmp_path / "teacher.keras")
-    teacher = train.load_teacher(str(tmp_path / "teacher.keras"))
+    teacher = in_graph_teacher.load_teacher(str(tmp_path / "teacher.keras"))
     rng = np.random.default_rng(0)
     image_a, image_b = (tf.constant(rng.uniform(0, 255, (3, *IMAGE_SHAPE)), tf.float32) for _ in range(2))
     with tf.GradientTape() as tape:
-        teacher_cos = train.teacher_cosine(teacher, image_a, image_b)
+        teacher_cos = in_graph_teacher.teacher_cosine(teacher, image_a, image_b)
     embedding_a, embedding_b = (teacher_model(x, training=False).numpy() for x in (image_a, image_b))
     expected = np.sum(embedding_a * embedding_b, -1) / np.linalg.norm(embedding_a, axis=-1) / np.linalg.norm(embedding_b, axis=-1)
     np.testing.assert_allclose(teacher_cos.numpy(), expected, atol=1e-5)
@@ -210,14 +221,14 @@ def test_in_graph_teacher_gives_the_cosine_and_no_gradient(tmp_path):
 
 
 def test_pretrained_backbone_frozen_or_at_a_lower_rate(tmp_path, data_dir):
-    from conftest import tiny_backbone
+    from common_testing import tiny_backbone
 
     pretrained = tiny_backbone(IMAGE_SHAPE)
     pretrained.save_weights(tmp_path / "tiny.weights.h5")
-    config = tiny_config(tmp_path, data_dir, backbone="conftest:tiny_backbone", num_classes=4,
+    config = tiny_config(tmp_path, data_dir, backbone="common_testing:tiny_backbone", num_classes=4,
                          init_backbone=str(tmp_path / "tiny.weights.h5"), backbone_lr_multiplier=0.1,
                          attention_optimizer="adam")
-    trainer = train.build_model(config)
+    trainer = factory.build_model(config)
     for loaded, saved in zip(trainer.backbone.weights, pretrained.weights):
         np.testing.assert_array_equal(loaded.numpy(), saved.numpy())
     groups = {id(optimizer): (optimizer, variables) for optimizer, variables in trainer.optimizer_groups()}
@@ -225,7 +236,7 @@ def test_pretrained_backbone_frozen_or_at_a_lower_rate(tmp_path, data_dir):
     assert {id(v) for v in backbone_variables} == {id(v) for v in trainer.backbone.trainable_variables}
     assert float(backbone_optimizer.learning_rate) == pytest.approx(0.1 * float(trainer.optimizer.learning_rate))
 
-    frozen = train.build_model(dataclasses.replace(config, freeze_backbone=True, backbone_lr_multiplier=1.0))
+    frozen = factory.build_model(dataclasses.replace(config, freeze_backbone=True, backbone_lr_multiplier=1.0))
     trained = {id(v) for _, variables in frozen.optimizer_groups() for v in variables}
     assert not trained & {id(v) for v in frozen.backbone.weights}
     assert trained  # the grid head, attention and margin head still train
@@ -234,47 +245,44 @@ def test_pretrained_backbone_frozen_or_at_a_lower_rate(tmp_path, data_dir):
 def test_init_from_a_trained_run_copies_every_part(tmp_path, data_dir):
     """--init_from: a head trained with the backbone frozen (e.g. on cached maps) goes on with
     the backbone trainable; each part starts from the saved weights, the optimizers afresh."""
-    from conftest import tiny_backbone
+    from common_testing import tiny_backbone
 
     tiny_backbone(IMAGE_SHAPE).save_weights(tmp_path / "tiny.weights.h5")
-    base = dict(backbone="conftest:tiny_backbone", num_classes=4, init_backbone=str(tmp_path / "tiny.weights.h5"))
-    first = train.build_model(tiny_config(tmp_path / "a", data_dir, freeze_backbone=True, ce_weight=0.0, **base))
+    base = dict(backbone="common_testing:tiny_backbone", num_classes=4, init_backbone=str(tmp_path / "tiny.weights.h5"))
+    first = factory.build_model(tiny_config(tmp_path / "a", data_dir, freeze_backbone=True, ce_weight=0.0, **base))
     for weight in first.grid_head.weights + first.xcos.weights:
         weight.assign(np.random.default_rng(0).normal(size=weight.shape).astype("float32"))
     first.save(tmp_path / "first.keras")
     config = tiny_config(tmp_path / "b", data_dir, ce_weight=0.0, backbone_lr_multiplier=0.1,
                          init_from=str(tmp_path / "first.keras"), **base)
     config.validate()
-    second = train.build_model(config)
+    second = factory.build_model(config)
     assert second.backbone.trainable_weights  # fine-tuned now
     for part in ("backbone", "grid_head", "xcos"):
         for copied, saved in zip(getattr(second, part).weights, getattr(first, part).weights):
             np.testing.assert_array_equal(copied.numpy(), saved.numpy(), err_msg=part)
-    with pytest.raises(train.ConfigError, match="--init_from"):
+    with pytest.raises(train_config.ConfigError, match="--init_from"):
         dataclasses.replace(config, init_from=str(tmp_path / "missing.keras")).validate()
-    with pytest.raises(train.ConfigError, match="grid_head .* does not match"):
-        train.build_model(dataclasses.replace(config, grid_channels=4))
+    with pytest.raises(train_config.ConfigError, match="grid_head .* does not match"):
+        factory.build_model(dataclasses.replace(config, grid_channels=4))
 
 
 def test_init_backbone_from_the_onnx_teacher(tmp_path, data_dir, shared_dir):
     config = tiny_config(tmp_path, data_dir, image_size=112,
                          init_backbone="onnx:" + str(shared_dir / "models" / "teacher_mobilefacenet.onnx"))
     config.validate()
-    backbone = train.build_backbone(config)
+    backbone = factory.build_backbone(config)
     assert tuple(backbone.output_shape[1:]) == (7, 7, 512)
 
 
-@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(os.path.dirname(train.__file__), "configs"))))
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(os.path.dirname(train_config.__file__), "..", "configs"))))
 def test_shipped_flagfiles_parse_and_hold_a_consistent_config(name):
     """Every flag in xcos_tf/configs is a flag of xcos_tf.train, and the combinations pass the
     checks that do not look at files (those paths exist only after the data commands)."""
-    from absl.testing import flagsaver
-
-    path = os.path.join(os.path.dirname(train.__file__), "configs", name)
-    with flagsaver.flagsaver():
-        flags.FLAGS.unparse_flags()
-        flags.FLAGS(["xcos_tf.train", f"--flagfile={path}"])
-        config = train.TrainConfig.from_flags()
+    path = os.path.join(os.path.dirname(train_config.__file__), "..", "configs", name)
+    flag_values = train_config.define_flags(flags.FlagValues())
+    flag_values(["xcos_tf.train", f"--flagfile={path}"])
+    config = train_config.TrainConfig.from_flags(flag_values)
     assert config.train_shards and config.model_dir and config.train_steps > 0
     # validate() without the data: globs and the pretrained file are checked elsewhere.
     checked = dataclasses.replace(config, train_shards=(), data="synthetic", num_classes=max(config.num_classes, 2),

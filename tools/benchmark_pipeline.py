@@ -17,7 +17,11 @@ import time
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from xcos_tf import cli  # noqa: E402
+
+cli.quiet_startup(__name__)  # before TensorFlow is imported
+
+from absl import flags  # noqa: E402
 
 from xcos_tf import teacher as teacher_lib  # noqa: E402
 from xcos_tf.data import align, prepare  # noqa: E402
@@ -95,4 +99,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -45,24 +45,25 @@ _RUN_CASE = flags.DEFINE_string("run_case", "", "Internal: run one case in this 
 
 def run_case(name, min_steps, min_seconds, warmup, teacher_onnx):
     """Times one case in this process; returns a dict of its results."""
-    from xcos_tf import backbones, train
+    from xcos_tf import backbones
+    from xcos_tf.training import config as train_config, factory, inputs, loop
 
     backbone, strategy_name, pairs, with_teacher = CASES[name]
     if strategy_name == "mirrored":
-        train.configure_cpu_devices(2)
-    strategy = train.make_strategy(strategy_name)
-    config = train.TrainConfig(
+        factory.configure_cpu_devices(2)
+    strategy = factory.make_strategy(strategy_name)
+    config = train_config.TrainConfig(
         model_dir="unused", data="synthetic", num_classes=1000, backbone=backbone,
         batch_size=pairs // strategy.num_replicas_in_sync,
     )
     with strategy.scope():
-        trainer = train.build_model(config, strategy.num_replicas_in_sync)
+        trainer = factory.build_model(config, strategy.num_replicas_in_sync)
         teacher = backbones.from_onnx(teacher_onnx) if with_teacher else None
     if teacher is not None:
         teacher.trainable = False
-    dataset = strategy.distribute_datasets_from_function(train.train_dataset_fn(config, pairs, epoch=0, skip_steps=0))
+    dataset = strategy.distribute_datasets_from_function(inputs.train_dataset_fn(config, pairs, epoch=0, skip_steps=0))
     iterator = iter(dataset)
-    train_step = train.make_train_step(strategy, trainer, teacher)
+    train_step = loop.make_train_step(strategy, trainer, teacher)
     for _ in range(warmup):
         float(train_step(iterator)["loss"])
     start, cpu_start, steps = time.perf_counter(), time.process_time(), 0

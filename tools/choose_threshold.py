@@ -16,10 +16,14 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from xcos_tf import cli  # noqa: E402
 
-from xcos_tf import metrics, model as xcos_model  # noqa: E402
+cli.quiet_startup(__name__)  # before TensorFlow is imported
+
+import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
+
+from xcos_tf import metrics, scoring, model as xcos_model  # noqa: E402
 from xcos_tf.data import pipeline  # noqa: E402
 
 _WEIGHTS = flags.DEFINE_string("weights", None, "A trainer saved as .keras.")
@@ -29,19 +33,14 @@ _FAR = flags.DEFINE_float("far", 1e-3, "Target false-accept rate.", lower_bound=
 
 def pair_scores(verifier, pair_patterns, batch_size=64):
     """(xCos scores, is_same) of every pair; each distinct face runs through the backbone once."""
-    grids, scores, is_same = {}, [], []
+    scorer, grids, scores, is_same = scoring.VerifierScorer(verifier), {}, [], []
     for batch in pipeline.eval_pair_dataset(pair_patterns, batch_size):
-        sides = []
-        for side in ("a", "b"):
-            keys = [s.decode() for s in batch[f"source_{side}"].numpy()]
-            missing = [i for i, key in enumerate(keys) if key not in grids]
-            if missing:
-                images = batch[f"image_{side}"].numpy()[missing]
-                computed = np.asarray(verifier.embed({"image": images}, training=False)["grid"])
-                grids.update({keys[i]: grid for i, grid in zip(missing, computed)})
-            sides.append(np.stack([grids[key] for key in keys]))
-        outputs = verifier.compare({"grid_a": sides[0], "grid_b": sides[1]}, training=False)
-        scores.append(np.asarray(outputs["score"]))
+        sides = [
+            scoring.grids_by_key(scorer, [s.decode() for s in batch[f"source_{side}"].numpy()],
+                                 batch[f"image_{side}"].numpy(), grids, batch_size)
+            for side in ("a", "b")
+        ]
+        scores.append(scoring.compare_grids(scorer, *sides, batch_size)["score"])
         is_same.append(batch["is_same"].numpy())
     return np.concatenate(scores), np.concatenate(is_same)
 
@@ -57,4 +56,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["weights", "pairs"])
-    app.run(main)
+    cli.run(main)

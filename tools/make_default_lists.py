@@ -23,8 +23,12 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from xcos_tf import cli  # noqa: E402
+
+cli.quiet_startup(__name__)  # before TensorFlow is imported
+
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from xcos_tf.data import pairs as pairs_lib  # noqa: E402
 
@@ -109,4 +113,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["out_dir"])
-    app.run(main)
+    cli.run(main)

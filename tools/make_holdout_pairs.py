@@ -18,9 +18,13 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from xcos_tf import cli  # noqa: E402
+
+cli.quiet_startup(__name__)  # before TensorFlow is imported
+
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from xcos_tf.data import pipeline, records  # noqa: E402
 
@@ -98,4 +102,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["faces", "out_dir"])
-    app.run(main)
+    cli.run(main)

@@ -26,6 +26,10 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from xcos_tf import cli  # noqa: E402
+
+cli.quiet_startup(__name__)  # before TensorFlow is imported
+
 from absl import app, flags, logging  # noqa: E402
 
 from xcos_tf import teacher as teacher_lib  # noqa: E402
@@ -91,7 +95,7 @@ def main(argv):
         _make_shards(argv)
     except (ValueError, OSError) as e:
         # Bad input (missing file, unreadable list, changed settings): the message, no traceback.
-        sys.exit(f"make_shards: error: {e}")
+        cli.fail(f"make_shards: {e}")
 
 
 def _make_shards(argv):
@@ -136,4 +140,4 @@ def _make_shards(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["out_dir"])
-    app.run(main)
+    cli.run(main)

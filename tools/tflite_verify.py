@@ -21,10 +21,9 @@ import numpy as np
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere, like an app
 
-from xcos_tf import runtime  # noqa: E402
+from xcos_tf import paths, runtime  # noqa: E402
 from xcos_tf.data import align  # noqa: E402
 
-DEFAULT_DETECTOR = REPO_ROOT.parent / "shared" / "models" / "yunet.onnx"
 EXIT_BAD_INPUT = 2
 
 
@@ -33,7 +32,7 @@ def parse_args(argv):
     parser.add_argument("photo_a", help="First photo (any size; or an aligned 112x112 crop).")
     parser.add_argument("photo_b", help="Second photo.")
     parser.add_argument("--model", required=True, help="An xCos .tflite file (xcos_tf.export).")
-    parser.add_argument("--detector", default=str(DEFAULT_DETECTOR), help="YuNet ONNX face detector.")
+    parser.add_argument("--detector", default=paths.DEFAULT_DETECTOR, help="YuNet ONNX face detector.")
     parser.add_argument("--threshold", type=float, default=None, help="Decision threshold on the score.")
     parser.add_argument("--json", action="store_true", help="Print the result as JSON.")
     return parser.parse_args(argv)

@@ -29,20 +29,17 @@ import types
 
 import numpy as np
 import tqdm
-from absl import app, flags
+from absl import flags
 
-from xcos_tf import metrics, runtime
+from xcos_tf import cli, metrics, runtime
+from xcos_tf.occlusion import GREY, OCCLUDERS, SQUARE_SIZE, cell_coverage, grey_cells, occlude, occluder_box
+from xcos_tf.scoring import BATCH_SIZE, compare_grids, embed_faces, row_cosine
 from xcos_tf.data import align
 from xcos_tf.data import pairs as pairs_lib
 from xcos_tf.explain import DEFAULT_DETECTOR, exit_with_error
 
-OCCLUDERS = ("sunglasses", "mask", "square")
 FARS = (1e-2, 1e-3)
-GREY = 127.5  # a deleted cell: mid-grey, which the backbone maps to 0
-SQUARE_SIZE = 40  # side of the random square, px of the 112 face (2.5 cells)
-BATCH_SIZE = 64
 
-_LEFT_EYE, _RIGHT_EYE, _NOSE, _LEFT_MOUTH, _RIGHT_MOUTH = align.TEMPLATE_112
 
 
 @dataclasses.dataclass
@@ -143,82 +140,6 @@ def load_pairs(path, detector, max_pairs=None):
     if not glob.glob(path):  # before TensorFlow is imported for the shards
         raise FileNotFoundError(f"no such folder, file or glob match: {path!r}")
     return load_pair_shards(path, max_pairs)
-
-
-# === Occluders ===
-def occluder_box(kind, rng=None, size=align.ALIGNED_SIZE):
-    """(x0, y0, x1, y1) of an occluder on an aligned face, from the ArcFace template.
-
-    `sunglasses` spans both eyes from brow to cheekbone, `mask` the nose (from halfway up),
-    the mouth and the chin, as a surgical mask does; `square` is a `SQUARE_SIZE` square at a random place (needs `rng`).
-    """
-    if kind == "sunglasses":
-        eye_y = 0.5 * (_LEFT_EYE[1] + _RIGHT_EYE[1])
-        box = (_LEFT_EYE[0] - 22, eye_y - 14, _RIGHT_EYE[0] + 22, eye_y + 12)
-    elif kind == "mask":
-        box = (_LEFT_MOUTH[0] - 24, _NOSE[1] - 8, _RIGHT_MOUTH[0] + 24, size)
-    elif kind == "square":
-        x0, y0 = rng.integers(0, size - SQUARE_SIZE + 1, size=2)
-        box = (x0, y0, x0 + SQUARE_SIZE, y0 + SQUARE_SIZE)
-    else:
-        raise ValueError(f"Unknown occluder {kind!r}; valid choices: {', '.join(OCCLUDERS)}.")
-    return tuple(int(np.clip(round(v), 0, size)) for v in box)
-
-
-def occlude(face, kind, rng):
-    """A copy of `face` with the occluder pasted on, and the occluder's mask bool [H, W]."""
-    x0, y0, x1, y1 = occluder_box(kind, rng, size=face.shape[0])
-    colour = {"sunglasses": (20, 20, 20), "mask": (175, 205, 230)}.get(kind)
-    if colour is None:
-        colour = rng.integers(0, 256, size=3)
-    occluded = face.copy()
-    occluded[y0:y1, x0:x1] = colour
-    mask = np.zeros(face.shape[:2], bool)
-    mask[y0:y1, x0:x1] = True
-    return occluded, mask
-
-
-def cell_coverage(mask, cells):
-    """The share of each grid cell's pixels that `mask` covers: float [rows, cols]."""
-    rows, cols = cells
-    height, width = mask.shape
-    return mask.reshape(rows, height // rows, cols, width // cols).mean(axis=(1, 3))
-
-
-def grey_cells(face, cell_indices, cells):
-    """float32 copy of `face` with the given flat cell indices set to grey."""
-    rows, cols = cells
-    cell_h, cell_w = face.shape[0] // rows, face.shape[1] // cols
-    greyed = face.astype(np.float32)
-    for index in cell_indices:
-        i, j = divmod(int(index), cols)
-        greyed[i * cell_h:(i + 1) * cell_h, j * cell_w:(j + 1) * cell_w] = GREY
-    return greyed
-
-
-# === Running the model in batches ===
-def embed_faces(model, faces, batch_size=BATCH_SIZE):
-    """(embedding [N, D], grid [N, H, W, C]) of faces, in batches."""
-    embeddings, grids = [], []
-    for start in range(0, len(faces), batch_size):
-        outputs = model.embed(np.asarray(faces[start:start + batch_size], np.float32))
-        embeddings.append(np.asarray(outputs["embedding"], np.float32))
-        grids.append(np.asarray(outputs["grid"], np.float32))
-    return np.concatenate(embeddings), np.concatenate(grids)
-
-
-def compare_grids(model, grid_a, grid_b, batch_size=BATCH_SIZE):
-    """The model's `compare` over pairs of grids, in batches: score, cos_map, attention_map."""
-    parts = [model.compare(grid_a[start:start + batch_size], grid_b[start:start + batch_size])
-             for start in range(0, len(grid_a), batch_size)]
-    return {key: np.concatenate([np.asarray(p[key], np.float32) for p in parts]) for key in parts[0]}
-
-
-def row_cosine(a, b):
-    """Cosine of corresponding rows."""
-    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-    return np.sum(a * b, axis=1)
 
 
 # === Measures ===
@@ -533,4 +454,4 @@ def main(argv, args):
 if __name__ == "__main__":
     _ARGS = define_flags()
     flags.mark_flags_as_required(["model", "pairs"])
-    app.run(lambda argv: main(argv, _ARGS))
+    cli.run(lambda argv: main(argv, _ARGS))

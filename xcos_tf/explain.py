@@ -26,7 +26,6 @@ No TensorFlow import here: with a TFLite or ONNX runtime, explain runs without i
 """
 import json
 import os
-import pathlib
 import sys
 import types
 
@@ -37,8 +36,7 @@ from xcos_tf import runtime  # numpy only; the chosen format's backend is import
 from xcos_tf.data import align
 from xcos_tf.explain_picture import decide, save_explanation, single_map
 from xcos_tf.explanations import gradcam
-
-DEFAULT_DETECTOR = str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "models" / "yunet.onnx")
+from xcos_tf.paths import DEFAULT_DETECTOR
 EXIT_BAD_INPUT = 2
 # Faces are searched for in a copy at most this large: YuNet misses a face that fills a large
 # photo (measured: an LFW close-up scaled to 1600 px: no face; to 1000 px: a box on half the

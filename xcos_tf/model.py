@@ -1,14 +1,15 @@
 """The xCos training model and the inference models built from it."""
 import collections
+import math
 import os
 
 import keras
 from keras import ops
 
 from xcos_tf import layers
+from xcos_tf.data.records import UNLABELLED
 
 MARGIN_HEADS = {"cosface": layers.CosFace, "arcface": layers.ArcFace}
-UNLABELLED = -1  # label of a face with no known identity: it gets no margin-softmax loss
 
 Verifier = collections.namedtuple("Verifier", ["verify", "embed", "compare"])
 Verifier.__doc__ = """The three inference models that share one set of weights.
@@ -42,8 +43,8 @@ class XCosTrainer(keras.Model):
         **kwargs: other keyword arguments passed to `keras.Model`.
 
     Call arguments:
-        inputs: dict with `"image_a"`, `"image_b"` (batch, H, W, 3), or instead
-            `"feature_a"`, `"feature_b"`: the frozen backbone's cached outputs for them; and
+        inputs: dict with `"image_a"`, `"image_b"` (batch, H, W, 3) (`call_on_feature_maps`
+            takes `"feature_a"`, `"feature_b"` instead: the frozen backbone's cached outputs); and
             optionally `"label_a"`, `"label_b"` (batch,) int labels (the margin needs them).
 
     Returns a dict with the XCosLayer outputs plus `"logits"` (2 * batch, classes: faces
@@ -53,7 +54,8 @@ class XCosTrainer(keras.Model):
     >>> trainer = XCosTrainer(xcos_tf.backbones.get("mobilefacenet"), num_classes=100)
     >>> trainer.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9),
     ...                 attention_optimizer=keras.optimizers.Adam(1e-3))
-    >>> trainer.fit(pairs_dataset)  # dicts with image_a/b, label_a/b, teacher_cos
+    Training runs through `xcos_tf.training.loop.make_train_step` (the one training step, for
+    every tf.distribute strategy); `compute_loss_terms` and `apply_loss_gradients` are its parts.
     """
 
     def __init__(
@@ -109,16 +111,21 @@ class XCosTrainer(keras.Model):
         self.xcos_weight = float(xcos_weight)
 
     def call(self, inputs, training=False):
-        if "feature_a" in inputs:
-            # Cached outputs of a frozen backbone (xcos_tf.data.features): the backbone is skipped.
-            feature_maps = ops.concatenate([inputs["feature_a"], inputs["feature_b"]], 0)
-        else:
-            # One backbone pass over both faces of every pair.
-            images = ops.concatenate([inputs["image_a"], inputs["image_b"]], 0)
-            feature_maps = self.backbone(images, training=training)
+        # One backbone pass over both faces of every pair.
+        images = ops.concatenate([inputs["image_a"], inputs["image_b"]], 0)
+        return self._head_outputs(self.backbone(images, training=training), inputs, training)
+
+    def call_on_feature_maps(self, inputs, training=False):
+        """As `call`, on `"feature_a"`, `"feature_b"`: the frozen backbone's cached feature maps
+        of the faces (xcos_tf.data.features) instead of the images; the backbone is skipped."""
+        feature_maps = ops.concatenate([inputs["feature_a"], inputs["feature_b"]], 0)
+        return self._head_outputs(feature_maps, inputs, training)
+
+    def _head_outputs(self, feature_maps, inputs, training):
+        """Grid head, XCosLayer and margin head on the feature maps of faces a then faces b."""
         grid = self.grid_head(feature_maps, training=training)
         grid_a, grid_b = ops.split(grid, 2, axis=0)
-        embedding = _flat_unit(grid)
+        embedding = unit_embedding(grid)
         labels = None
         if "label_a" in inputs and "label_b" in inputs:
             labels = ops.maximum(ops.concatenate([inputs["label_a"], inputs["label_b"]], 0), 0)
@@ -183,20 +190,6 @@ class XCosTrainer(keras.Model):
             loss_scale = optimizer.scale_loss(ops.ones_like(loss))
             optimizer.apply(tape.gradient(loss, variables, output_gradients=loss_scale), variables)
 
-    def train_step(self, data):
-        import tensorflow as tf  # train_step is TF-backend specific: it needs a GradientTape
-
-        data, _, _ = keras.utils.unpack_x_y_sample_weight(data)
-        with tf.GradientTape(persistent=True) as tape:
-            outputs = self(data, training=True)
-            terms = self.compute_loss_terms(data, outputs)
-        self.apply_loss_gradients(tape, terms["loss"])
-        return terms
-
-    def test_step(self, data):
-        data, _, _ = keras.utils.unpack_x_y_sample_weight(data)
-        return self.compute_loss_terms(data, self(data, training=False))
-
     def get_compile_config(self):
         config = super().get_compile_config()
         for key in ("attention_optimizer", "backbone_optimizer"):
@@ -239,9 +232,10 @@ class XCosTrainer(keras.Model):
         return cls(**config)
 
 
-def _flat_unit(grid):
-    """The identity embedding: the flattened grid, L2-normalised."""
-    flat = ops.reshape(grid, (ops.shape(grid)[0], -1))
+def unit_embedding(grid):
+    """The identity embedding of a grid: flattened, L2-normalised (training and inference alike)."""
+    # The cell count is static; the batch may not be (a symbolic Keras input).
+    flat = ops.reshape(grid, (-1, math.prod(grid.shape[1:])))
     flat = ops.cast(flat, "float32")
     return flat / ops.maximum(ops.norm(flat, axis=-1, keepdims=True), 1e-12)
 
@@ -281,7 +275,7 @@ def build_verifier(trainer_or_weights):
 
     image = keras.Input(image_shape, name="image")
     grid = grid_of(image)
-    embedding = keras.layers.UnitNormalization(name="unit_norm")(keras.layers.Flatten(name="flatten")(grid))
+    embedding = unit_embedding(grid)
     embed = keras.Model({"image": image}, named({"embedding": embedding, "grid": grid}), name="embed")
 
     grid_a, grid_b = keras.Input(grid_shape, name="grid_a"), keras.Input(grid_shape, name="grid_b")

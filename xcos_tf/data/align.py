@@ -20,12 +20,9 @@ import numpy as np
 # The one image reader lives in image_io; its names stay importable from here for the callers
 # that read photos right before aligning them (explain, evaluate, export, tools).
 from xcos_tf.data.image_io import ImageError, decode_image, read_image  # noqa: F401
+from xcos_tf.paths import DEFAULT_DETECTOR  # noqa: F401 (the shared YuNet model; tools take others by flag)
 
 ALIGNED_SIZE = 112
-# The shared YuNet model beside a checkout (../shared/models); tools take other paths by flag.
-DEFAULT_DETECTOR = os.path.normpath(
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), *[os.pardir] * 3, "shared", "models", "yunet.onnx")
-)
 
 # The standard ArcFace template (insightface), x, y in pixels of the 112x112 crop: left-of-image
 # eye, right-of-image eye, nose tip, left-of-image mouth corner, right-of-image mouth corner.

@@ -1,0 +1,68 @@
+"""The SavedModel of a Verifier in the TF Serving layout, and TF Serving's config and sample request."""
+import keras
+import numpy as np
+import tensorflow as tf
+
+from xcos_tf.export.manifest import signature_specs
+
+SERVING_MOUNT = "/models"  # where `docker run -v DIR:/models/NAME` puts the folder
+
+
+def _tensor_specs(inputs, dtype=None):
+    return [tf.TensorSpec(spec["shape"], dtype or spec["dtype"], name=name) for name, spec in inputs.items()]
+
+
+def build_archive(verifier):
+    """A `keras.export.ExportArchive` with the signatures verify (= serving_default),
+    verify_uint8, embed and compare, all with a dynamic batch."""
+    specs = signature_specs(verifier)
+    archive = keras.export.ExportArchive()
+    for model in verifier:
+        archive.track(model)
+
+    @tf.function(input_signature=_tensor_specs(specs["verify"]["inputs"]))
+    def verify(image_a, image_b):
+        return verifier.verify({"image_a": image_a, "image_b": image_b}, training=False)
+
+    @tf.function(input_signature=_tensor_specs(specs["verify"]["inputs"], tf.uint8))
+    def verify_uint8(image_a, image_b):
+        images = {"image_a": tf.cast(image_a, tf.float32), "image_b": tf.cast(image_b, tf.float32)}
+        return verifier.verify(images, training=False)
+
+    @tf.function(input_signature=_tensor_specs(specs["embed"]["inputs"]))
+    def embed(image):
+        return verifier.embed({"image": image}, training=False)
+
+    @tf.function(input_signature=_tensor_specs(specs["compare"]["inputs"]))
+    def compare(grid_a, grid_b):
+        return verifier.compare({"grid_a": grid_a, "grid_b": grid_b}, training=False)
+
+    for name, function in [
+        ("serving_default", verify), ("verify", verify), ("verify_uint8", verify_uint8),
+        ("embed", embed), ("compare", compare),
+    ]:
+        archive.add_endpoint(name, function)
+    return archive
+
+
+def write_saved_model(verifier, path):
+    build_archive(verifier).write_out(path, verbose=False)
+
+
+def models_config(name):
+    """TF Serving's model config for the folder mounted at /models/NAME."""
+    return (
+        "model_config_list {\n  config {\n"
+        f'    name: "{name}"\n'
+        f'    base_path: "{SERVING_MOUNT}/{name}/saved_model/{name}"\n'
+        '    model_platform: "tensorflow"\n'
+        "  }\n}\n"
+    )
+
+
+def tf_serving_request(face_a, face_b):
+    """A REST `:predict` request (row format) for `verify` on one pair of uint8 faces."""
+    return {
+        "signature_name": "verify",
+        "instances": [{"image_a": np.asarray(face_a).tolist(), "image_b": np.asarray(face_b).tolist()}],
+    }

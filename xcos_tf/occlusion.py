@@ -1,0 +1,62 @@
+"""Occluders and cell deletion on aligned faces, for the evaluation of the maps
+(`xcos_tf.evaluate`): where sunglasses, a mask or a random square fall on the ArcFace template,
+and which grid cells they cover."""
+import numpy as np
+
+from xcos_tf.data import align
+
+OCCLUDERS = ("sunglasses", "mask", "square")
+GREY = 127.5  # a deleted cell: mid-grey, which the backbone maps to 0
+SQUARE_SIZE = 40  # side of the random square, px of the 112 face (2.5 cells)
+
+_LEFT_EYE, _RIGHT_EYE, _NOSE, _LEFT_MOUTH, _RIGHT_MOUTH = align.TEMPLATE_112
+
+
+def occluder_box(kind, rng=None, size=align.ALIGNED_SIZE):
+    """(x0, y0, x1, y1) of an occluder on an aligned face, from the ArcFace template.
+
+    `sunglasses` spans both eyes from brow to cheekbone, `mask` the nose (from halfway up),
+    the mouth and the chin, as a surgical mask does; `square` is a `SQUARE_SIZE` square at a random place (needs `rng`).
+    """
+    if kind == "sunglasses":
+        eye_y = 0.5 * (_LEFT_EYE[1] + _RIGHT_EYE[1])
+        box = (_LEFT_EYE[0] - 22, eye_y - 14, _RIGHT_EYE[0] + 22, eye_y + 12)
+    elif kind == "mask":
+        box = (_LEFT_MOUTH[0] - 24, _NOSE[1] - 8, _RIGHT_MOUTH[0] + 24, size)
+    elif kind == "square":
+        x0, y0 = rng.integers(0, size - SQUARE_SIZE + 1, size=2)
+        box = (x0, y0, x0 + SQUARE_SIZE, y0 + SQUARE_SIZE)
+    else:
+        raise ValueError(f"Unknown occluder {kind!r}; valid choices: {', '.join(OCCLUDERS)}.")
+    return tuple(int(np.clip(round(v), 0, size)) for v in box)
+
+
+def occlude(face, kind, rng):
+    """A copy of `face` with the occluder pasted on, and the occluder's mask bool [H, W]."""
+    x0, y0, x1, y1 = occluder_box(kind, rng, size=face.shape[0])
+    colour = {"sunglasses": (20, 20, 20), "mask": (175, 205, 230)}.get(kind)
+    if colour is None:
+        colour = rng.integers(0, 256, size=3)
+    occluded = face.copy()
+    occluded[y0:y1, x0:x1] = colour
+    mask = np.zeros(face.shape[:2], bool)
+    mask[y0:y1, x0:x1] = True
+    return occluded, mask
+
+
+def cell_coverage(mask, cells):
+    """The share of each grid cell's pixels that `mask` covers: float [rows, cols]."""
+    rows, cols = cells
+    height, width = mask.shape
+    return mask.reshape(rows, height // rows, cols, width // cols).mean(axis=(1, 3))
+
+
+def grey_cells(face, cell_indices, cells):
+    """float32 copy of `face` with the given flat cell indices set to grey."""
+    rows, cols = cells
+    cell_h, cell_w = face.shape[0] // rows, face.shape[1] // cols
+    greyed = face.astype(np.float32)
+    for index in cell_indices:
+        i, j = divmod(int(index), cols)
+        greyed[i * cell_h:(i + 1) * cell_h, j * cell_w:(j + 1) * cell_w] = GREY
+    return greyed

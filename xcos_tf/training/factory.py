@@ -1,0 +1,156 @@
+"""The pieces a run is built from: the tf.distribute strategy, the backbone, the compiled
+`XCosTrainer` and its optimizers and learning-rate schedules."""
+import importlib
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from xcos_tf import backbones
+from xcos_tf import model as xcos_model
+from xcos_tf.training.config import ConfigError, init_backbone_kind
+
+
+def configure_cpu_devices(count):
+    """Splits the first CPU into `count` logical devices (before TensorFlow starts its runtime)."""
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+    except RuntimeError as error:
+        raise ConfigError("cpu_devices", f"must be set before TensorFlow initialises its devices ({error})") from None
+
+
+def make_strategy(name):
+    """The tf.distribute strategy called `name` (one of config.STRATEGIES)."""
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in gpus or tf.config.list_logical_devices("CPU")]
+        # CPUs have no NCCL: reduce on one device.
+        cross_device_ops = None if gpus else tf.distribute.ReductionToOneDevice()
+        return tf.distribute.MirroredStrategy(devices, cross_device_ops=cross_device_ops)
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def is_chief(strategy):
+    """Whether this worker writes the run's files (always, outside multi-worker training)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in resolver.cluster_spec().as_dict()
+
+
+def build_backbone(config):
+    """The backbone model the config asks for (pretrained weights loaded)."""
+    input_shape = (config.image_size, config.image_size, 3)
+    kind, path = init_backbone_kind(config.init_backbone) if config.init_backbone else (None, "")
+    if kind == "onnx":
+        return backbones.from_onnx(path, feature_map=config.onnx_feature_map or None, input_shape=input_shape)
+    if kind == "keras":
+        return keras.saving.load_model(path, compile=False)
+    if ":" in config.backbone:
+        module_name, function_name = config.backbone.split(":")
+        backbone = getattr(importlib.import_module(module_name), function_name)(input_shape=input_shape)
+    else:
+        backbone = backbones.get(config.backbone, input_shape=input_shape)
+    if kind == "weights":
+        backbone.load_weights(path)
+    return backbone
+
+
+def build_model(config, num_replicas=1):
+    """The compiled `XCosTrainer` of the config, weights created (call in `strategy.scope()`)."""
+    backbone = build_backbone(config)
+    backbone.trainable = not config.freeze_backbone
+    trainer = xcos_model.build_trainer(
+        backbone,
+        config.num_classes,
+        image_shape=(config.image_size, config.image_size, 3),
+        grid_channels=config.grid_channels,
+        margin=config.margin,
+        margin_scale=config.margin_scale,
+        margin_value=config.margin_value,
+        attention=config.attention,
+        symmetric=config.symmetric,
+        ce_weight=config.ce_weight,
+        xcos_weight=config.xcos_weight,
+    )
+    if config.init_from:
+        _copy_trained_weights(config.init_from, trainer)
+    lr_factor = num_replicas if config.lr_scaling == "linear" else 1
+    optimizer = make_optimizer(config, config.optimizer, config.learning_rate * lr_factor)
+    attention_optimizer = None
+    if config.attention_optimizer != "same" and config.attention == "learned":
+        attention_optimizer = make_optimizer(config, config.attention_optimizer, config.attention_learning_rate * lr_factor)
+    backbone_optimizer = None
+    if config.backbone_lr_multiplier != 1.0 and not config.freeze_backbone:
+        backbone_optimizer = make_optimizer(
+            config, config.optimizer, config.learning_rate * lr_factor * config.backbone_lr_multiplier
+        )
+    trainer.compile(optimizer=optimizer, attention_optimizer=attention_optimizer, backbone_optimizer=backbone_optimizer)
+    for group_optimizer, variables in trainer.optimizer_groups():
+        group_optimizer.build(variables)  # the slots must exist before a checkpoint restores them
+    return trainer
+
+
+def _copy_trained_weights(path, trainer):
+    """--init_from: the weights of a saved XCosTrainer's parts, each checked against this run's."""
+    source = keras.saving.load_model(path, compile=False)
+    if not isinstance(source, xcos_model.XCosTrainer):
+        raise ConfigError("init_from", f"{path!r} holds a {type(source).__name__}, not an XCosTrainer")
+    for part in ("backbone", "grid_head", "xcos", "margin_head"):
+        source_part, target_part = getattr(source, part), getattr(trainer, part)
+        if source_part is None or target_part is None:
+            continue  # a margin head exists only with a CE term
+        # Weight order follows `trainable`, so both sides list theirs in the same mode.
+        source_part.trainable = target_part.trainable
+        source_weights, target_weights = source_part.weights, target_part.weights
+        shapes = [tuple(w.shape) for w in source_weights]
+        if shapes != [tuple(w.shape) for w in target_weights]:
+            raise ConfigError("init_from", f"the {part} in {path!r} does not match this run's {part} (weight shapes differ)")
+        for source_weight, target_weight in zip(source_weights, target_weights):
+            target_weight.assign(source_weight)
+    logging.info("Started from the weights in %s.", path)
+
+
+def make_optimizer(config, name, learning_rate):
+    """Optimizer `name` at `learning_rate` under the config's schedule, decay and precision."""
+    if config.lr_schedule == "cosine":
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0 if config.warmup_steps else learning_rate,
+            decay_steps=config.train_steps - config.warmup_steps,
+            warmup_target=learning_rate if config.warmup_steps else None,
+            warmup_steps=config.warmup_steps,
+        )
+    elif config.warmup_steps:
+        learning_rate = _WarmUp(learning_rate, config.warmup_steps)
+    weight_decay = config.weight_decay or None
+    if name == "sgd":
+        optimizer = keras.optimizers.SGD(learning_rate, momentum=config.momentum, weight_decay=weight_decay)
+    elif name == "adam":
+        optimizer = keras.optimizers.Adam(learning_rate, weight_decay=weight_decay)
+    else:
+        optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=config.weight_decay)
+    if config.mixed_precision:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+# The registered name ("xcos_tf>_WarmUp") is in the compile config of saved .keras trainers: keep it.
+@keras.saving.register_keras_serializable(package="xcos_tf")
+class _WarmUp(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up to a constant learning rate."""
+
+    def __init__(self, learning_rate, warmup_steps):
+        self.learning_rate = learning_rate
+        self.warmup_steps = warmup_steps
+
+    def __call__(self, step):
+        fraction = keras.ops.minimum(keras.ops.cast(step + 1, "float32") / self.warmup_steps, 1.0)
+        return self.learning_rate * fraction
+
+    def get_config(self):
+        return {"learning_rate": self.learning_rate, "warmup_steps": self.warmup_steps}
