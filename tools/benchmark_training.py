@@ -347,7 +347,9 @@ def run_compare(models, variants, pairs, rounds, round_seconds, warmup, keras_in
             w.close()
             if w.error:
                 print(f"{model} {w.label}: failed\n{w.error}")
-        tables += compare_table(model, workers, "keras_bn", KERAS_INSIGHTFACE if keras_insightface_dir else None) + [""]
+        table = compare_table(model, workers, "keras_bn", KERAS_INSIGHTFACE if keras_insightface_dir else None)
+        print("\n".join(table) + "\n", flush=True)  # each model's table as soon as it is done, all again at the end
+        tables += table + [""]
     print("load average " + " ".join(f"{x:.1f}" for x in os.getloadavg()) + " at the end\n")
     print("\n".join(tables))
 
