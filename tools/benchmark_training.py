@@ -23,7 +23,7 @@ bfloat16 mixed precision (only on a CPU with AVX512_BF16), and with `--keras_ins
 ArcFace step under Keras 2. Every variant is a worker process of its own (settings such as the
 precision policy cannot leak), built and warmed up first; then the workers take turns for
 `--rounds` rounds of `--round_seconds` each, so that a change in the machine's load hits
-all of them alike. The step is `make_compare_step`'s (see there).
+all of them alike. The step is the trainer's own (`xcos_tf.training.loop.make_train_step`).
 
     python tools/benchmark_training.py --compare --models=mobilefacenet --rounds=3 --round_seconds=20 \
         --keras_insightface_dir=/tmp/Keras_insightface
@@ -50,11 +50,11 @@ CASES = {
 # --compare: images per step = 2 x pairs. MobileFaceNet at 32 images per step is the issue's
 # Keras_insightface comparison; IR-SE-50 takes seconds per step on 2 vCPUs, so a small batch.
 COMPARE_PAIRS = {"mobilefacenet": 16, "ir_se50": 2}
-# variant -> (fused BN, jit_compile, precision policy)
+# variant -> (fused BN, --jit_compile, --mixed_precision)
 VARIANTS = {
-    "keras_bn": (False, False, "float32"),
-    "fused_bn": (True, False, "float32"),
-    "fused_bn+xla": (True, True, "float32"),
+    "keras_bn": (False, False, "none"),
+    "fused_bn": (True, False, "none"),
+    "fused_bn+xla": (True, True, "none"),
     "fused_bn+bf16": (True, False, "mixed_bfloat16"),
 }
 KERAS_INSIGHTFACE = "keras_insightface"
@@ -139,44 +139,29 @@ def skip_reason(variant, cpu_flags):
     return None
 
 
-def make_compare_step(trainer, jit_compile):
-    """`batch -> loss` of one xcos_tf training step (single device) as a tf.function.
-
-    The trainer's own forward pass, loss terms and optimizer groups, as in
-    `xcos_tf.train.make_train_step`; the batch comes as an argument, not from an iterator, so
-    that XLA can compile the whole step.
-    """
-    import tensorflow as tf
-
-    @tf.function(jit_compile=jit_compile, autograph=False)
-    def step(batch):
-        with tf.GradientTape(persistent=True) as tape:
-            terms = trainer.compute_loss_terms(batch, trainer(batch, training=True))
-        trainer.apply_loss_gradients(tape, terms["loss"])
-        return terms["loss"]
-
-    return step
-
-
 def _xcos_step(model, variant, pairs):
-    """The variant's step on the project's model (default training config) and one synthetic batch."""
+    """The variant's `xcos_tf.training.loop.make_train_step` on the default training config's
+    model and optimizers (one device), fed one synthetic batch over and over (no input cost)."""
     import keras
 
-    from xcos_tf import train
     from xcos_tf.layers import batch_norm
+    from xcos_tf.training import config as train_config, factory, inputs, loop
 
-    fused, jit_compile, policy = VARIANTS[variant]
+    fused, jit_compile, precision = VARIANTS[variant]
     if not fused:
         # The step before issue 17: every BatchNormalization on Keras' own ops. This process only.
         batch_norm.BatchNormalization.call = keras.layers.BatchNormalization.call
-    keras.mixed_precision.set_global_policy(policy)
-    config = train.TrainConfig(model_dir="unused", data="synthetic", num_classes=1000, backbone=model, batch_size=pairs)
-    trainer = train.build_model(config)
-    dataset = train.make_strategy("default").distribute_datasets_from_function(
-        train.train_dataset_fn(config, pairs, epoch=0, skip_steps=0))
-    batch = next(iter(dataset))
-    step = make_compare_step(trainer, jit_compile)
-    return lambda: step(batch)
+    keras.mixed_precision.set_global_policy("float32" if precision == "none" else precision)  # as loop.train does
+    config = train_config.TrainConfig(
+        model_dir="unused", data="synthetic", num_classes=1000, backbone=model, batch_size=pairs,
+        mixed_precision=precision, jit_compile=jit_compile,
+    )
+    strategy = factory.make_strategy("default")
+    trainer = factory.build_model(config)
+    batches = inputs.train_dataset_fn(config, pairs, epoch=0, skip_steps=0)
+    iterator = iter(strategy.distribute_datasets_from_function(lambda context: batches(context).take(1).cache().repeat()))
+    step = loop.make_train_step(strategy, trainer, jit_compile=config.jit_compile)
+    return lambda: step(iterator)["loss"]
 
 
 def _keras_insightface_step(checkout, pairs, num_classes=1000):
