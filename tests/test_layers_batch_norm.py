@@ -221,9 +221,11 @@ def test_exports_keep_their_parity_and_fold_batch_norm(tmp_path, shared_dir):
             f"{model_format}, fused BN",
         )
 
+    from xcos_tf.export import saved_model, tflite
+
     def tflite_ops(verifier, path):
-        export.write_saved_model(verifier, path)
-        return sorted(op for _, op, _, _ in export._model_ops(export.convert_tflite(path)))
+        saved_model.write_saved_model(verifier, path)
+        return sorted(op for _, op, _, _ in tflite._model_ops(tflite.convert_tflite(path)))
 
     keras_ops = tflite_ops(xcos_model.build_verifier(reference), str(tmp_path / "keras_bn"))
     assert tflite_ops(fused_verifier, str(tmp_path / "fused_bn")) == keras_ops
