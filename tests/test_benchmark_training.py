@@ -1,12 +1,13 @@
 """tools/benchmark_training.py --compare: machine report, skipped variants, the table, bad flags, one real run."""
+import pathlib
 import subprocess
 import sys
-import types
 
 import pytest
 
-from conftest import REPO_ROOT
 from tools import benchmark_training as bench
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 TOOL = str(REPO_ROOT / "tools" / "benchmark_training.py")
 

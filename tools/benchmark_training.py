@@ -35,7 +35,14 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from xcos_tf import cli  # noqa: E402
+
+cli.quiet_startup(__name__)  # before TensorFlow is imported
+
+from absl import flags  # noqa: E402
 
 TEACHER_ONNX = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "models", "teacher_mobilefacenet.onnx")
 # name -> (backbone, strategy, pairs per step (global), in-graph teacher)
@@ -340,22 +347,18 @@ def run_compare(models, variants, pairs, rounds, round_seconds, warmup, keras_in
 
 
 def _compare_pairs(overrides):
-    """--pairs MODEL=N entries over COMPARE_PAIRS; a bad entry, model or variant ends the run (exit 2)."""
-    def refuse(message):
-        print(f"benchmark_training: {message}", file=sys.stderr)
-        sys.exit(2)
-
+    """--pairs MODEL=N entries over COMPARE_PAIRS; a bad entry, model or variant is a `cli.UserError`."""
     for name, values, valid in (("models", _MODELS.value, COMPARE_PAIRS), ("variants", _VARIANTS.value, VARIANTS)):
         unknown = sorted(set(values) - set(valid))
         if unknown or not values:
-            refuse(f"--{name}: unknown or none {unknown}; valid: {', '.join(valid)}")
+            raise cli.UserError(f"--{name}: unknown or none {unknown}; valid: {', '.join(valid)}")
     if _KERAS_INSIGHTFACE.value and not os.path.isfile(os.path.join(_KERAS_INSIGHTFACE.value, "models.py")):
-        refuse(f"--keras_insightface_dir: no models.py in {_KERAS_INSIGHTFACE.value!r} (a Keras_insightface checkout)")
+        raise cli.UserError(f"--keras_insightface_dir: no models.py in {_KERAS_INSIGHTFACE.value!r} (a Keras_insightface checkout)")
     pairs = dict(COMPARE_PAIRS)
     for entry in overrides:
         model, _, count = entry.partition("=")
         if model not in COMPARE_PAIRS or not count.isdigit() or int(count) < 1:
-            refuse(f"--pairs: expected MODEL=POSITIVE_INT with MODEL one of {', '.join(COMPARE_PAIRS)}. Received: {entry!r}")
+            raise cli.UserError(f"--pairs: expected MODEL=POSITIVE_INT with MODEL one of {', '.join(COMPARE_PAIRS)}. Received: {entry!r}")
         pairs[model] = int(count)
     return pairs
 
@@ -374,7 +377,7 @@ def main(argv):
         return
     unknown = set(_CASES.value) - set(CASES)
     if unknown:
-        raise app.UsageError(f"--cases: unknown {sorted(unknown)}; valid: {', '.join(CASES)}")
+        raise cli.UserError(f"--cases: unknown {sorted(unknown)}; valid: {', '.join(CASES)}")
     import tensorflow as tf
 
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
@@ -412,4 +415,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
