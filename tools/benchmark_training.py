@@ -15,6 +15,18 @@ on the synthetic source (no input cost): warm-up steps, then timed steps until b
 
     python tools/benchmark_training.py            # all cases, a table at the end
     python tools/benchmark_training.py --seconds=60 --cases=mobilefacenet/default
+
+`--compare` instead times variants of one training step side by side (issue 17): Keras'
+BatchNormalization (the step before the fused BN), the fused BN, fused + XLA and fused +
+bfloat16 mixed precision (only on a CPU with AVX512_BF16), and with `--keras_insightface_dir`
+(a checkout of leondgarse/Keras_insightface; needs tf_keras) its MobileFaceNet + NormDense +
+ArcFace step under Keras 2. Every variant is a worker process of its own (settings such as the
+precision policy cannot leak), built and warmed up first; then the workers take turns for
+`--rounds` rounds of `--round_seconds` each, so that a change in the machine's load hits
+all of them alike. The step is the trainer's own (`xcos_tf.training.loop.make_train_step`).
+
+    python tools/benchmark_training.py --compare --models=mobilefacenet --rounds=3 --round_seconds=20 \
+        --keras_insightface_dir=/tmp/Keras_insightface
 """
 import json
 import os
@@ -23,7 +35,14 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from xcos_tf import cli  # noqa: E402
+
+cli.quiet_startup(__name__)  # before TensorFlow is imported
+
+from absl import flags  # noqa: E402
 
 TEACHER_ONNX = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "models", "teacher_mobilefacenet.onnx")
 # name -> (backbone, strategy, pairs per step (global), in-graph teacher)
@@ -35,12 +54,34 @@ CASES = {
     "mobilefacenet/default+teacher": ("mobilefacenet", "default", 16, True),
 }
 
+# --compare: images per step = 2 x pairs. MobileFaceNet at 32 images per step is the issue's
+# Keras_insightface comparison; IR-SE-50 takes seconds per step on 2 vCPUs, so a small batch.
+COMPARE_PAIRS = {"mobilefacenet": 16, "ir_se50": 2}
+# variant -> (fused BN, --jit_compile, --mixed_precision)
+VARIANTS = {
+    "keras_bn": (False, False, "none"),
+    "fused_bn": (True, False, "none"),
+    "fused_bn+xla": (True, True, "none"),
+    "fused_bn+bf16": (True, False, "mixed_bfloat16"),
+}
+KERAS_INSIGHTFACE = "keras_insightface"
+
 _CASES = flags.DEFINE_list("cases", list(CASES), f"Cases to run, of: {', '.join(CASES)}.")
 _MIN_STEPS = flags.DEFINE_integer("min_steps", 3, "Timed steps per case, at least.", lower_bound=1)
 _SECONDS = flags.DEFINE_float("seconds", 30.0, "Timed seconds per case, at least.", lower_bound=0.0)
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps first (tracing, allocation).", lower_bound=1)
 _TEACHER = flags.DEFINE_string("teacher_onnx", TEACHER_ONNX, "ONNX teacher imported for the in-graph teacher case.")
 _RUN_CASE = flags.DEFINE_string("run_case", "", "Internal: run one case in this process and print JSON.")
+_COMPARE = flags.DEFINE_bool("compare", False, "Compare the step's variants side by side instead of running --cases.")
+_MODELS = flags.DEFINE_list("models", list(COMPARE_PAIRS), f"--compare: backbones, of {', '.join(COMPARE_PAIRS)}.")
+_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"--compare: step variants, of {', '.join(VARIANTS)}.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "--compare: rounds; each variant runs once per round.", lower_bound=1)
+_ROUND_SECONDS = flags.DEFINE_float("round_seconds", 20.0, "--compare: timed seconds per variant and round.", lower_bound=0.0)
+_PAIRS = flags.DEFINE_list("pairs", [], "--compare: MODEL=PAIRS per step overriding the defaults "
+                           + ", ".join(f"{m}={p}" for m, p in COMPARE_PAIRS.items()) + " (2 images per pair).")
+_KERAS_INSIGHTFACE = flags.DEFINE_string(
+    "keras_insightface_dir", "", "--compare: a checkout of leondgarse/Keras_insightface; adds its MobileFaceNet step.")
+_WORKER = flags.DEFINE_string("worker", "", "Internal: MODEL:VARIANT:PAIRS, a --compare worker on stdin/stdout.")
 
 
 def run_case(name, min_steps, min_seconds, warmup, teacher_onnx):
@@ -78,14 +119,265 @@ def run_case(name, min_steps, min_seconds, warmup, teacher_onnx):
     }
 
 
+# === --compare: variants of one step side by side ===
+
+
+def cpu_info(cpuinfo_path="/proc/cpuinfo"):
+    """(CPU model name, set of CPU flags) of this machine, from /proc/cpuinfo where there is one."""
+    model, cpu_flags = platform.processor() or platform.machine(), set()
+    try:
+        with open(cpuinfo_path) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    cpu_flags = set(value.split())
+    except OSError:
+        pass
+    return model, cpu_flags
+
+
+def skip_reason(variant, cpu_flags):
+    """Why a variant is not run on this CPU, or None."""
+    if VARIANTS[variant][2] == "mixed_bfloat16" and "avx512_bf16" not in cpu_flags:
+        # Without AVX512_BF16 (or AMX) bfloat16 math is emulated through float32: slower, not faster.
+        return "the CPU has no AVX512_BF16 flag (bfloat16 would be emulated in float32)"
+    return None
+
+
+def _xcos_step(model, variant, pairs):
+    """The variant's `xcos_tf.training.loop.make_train_step` on the default training config's
+    model and optimizers (one device), fed one synthetic batch over and over (no input cost)."""
+    import keras
+
+    from xcos_tf.layers import batch_norm
+    from xcos_tf.training import config as train_config, factory, inputs, loop
+
+    fused, jit_compile, precision = VARIANTS[variant]
+    if not fused:
+        # The step before issue 17: every BatchNormalization on Keras' own ops. This process only.
+        batch_norm.BatchNormalization.call = keras.layers.BatchNormalization.call
+    keras.mixed_precision.set_global_policy("float32" if precision == "none" else precision)  # as loop.train does
+    config = train_config.TrainConfig(
+        model_dir="unused", data="synthetic", num_classes=1000, backbone=model, batch_size=pairs,
+        mixed_precision=precision, jit_compile=jit_compile,
+    )
+    strategy = factory.make_strategy("default")
+    trainer = factory.build_model(config)
+    batches = inputs.train_dataset_fn(config, pairs, epoch=0, skip_steps=0)
+    iterator = iter(strategy.distribute_datasets_from_function(lambda context: batches(context).take(1).cache().repeat()))
+    step = loop.make_train_step(strategy, trainer, jit_compile=config.jit_compile)
+    return lambda: step(iterator)["loss"]
+
+
+def _keras_insightface_step(checkout, pairs, num_classes=1000):
+    """Keras_insightface's MobileFaceNet + NormDense + ArcFace loss under tf_keras, SGD momentum 0.9,
+    float32: the step its `model.fit` runs (`make_train_function`), without callbacks."""
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"  # `tensorflow.keras` is tf_keras (Keras 2), as it needs
+    sys.path.insert(0, checkout)
+    import numpy as np
+    import tensorflow as tf
+
+    import losses  # Keras_insightface's modules
+    import models
+
+    keras = tf.keras
+    basic_model = models.buildin_models("mobilefacenet", dropout=0, emb_shape=256, output_layer="GDC")
+    logits = models.NormDense(num_classes, name="arcface")(basic_model.outputs[0])
+    model = keras.models.Model(basic_model.inputs[0], logits)
+    model.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9), loss=losses.ArcfaceLoss(scale=64))
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (2 * pairs, 112, 112, 3)).astype("float32")  # it feeds scaled pixels
+    labels = tf.one_hot(rng.integers(0, num_classes, 2 * pairs), num_classes)
+    iterator = iter(tf.data.Dataset.from_tensors((images, labels)).repeat())
+    train_function = model.make_train_function()
+    return lambda: train_function(iterator)["loss"]
+
+
+def _versions():
+    import tensorflow as tf
+
+    if os.environ.get("TF_USE_LEGACY_KERAS") == "1":
+        import tf_keras
+
+        return f"tensorflow {tf.__version__}, tf_keras {tf_keras.__version__}"
+    import keras
+
+    return f"tensorflow {tf.__version__}, keras {keras.__version__}"
+
+
+def run_worker(spec, warmup):
+    """A --compare worker: builds and warms up its step, then times it for each `run SECONDS` line."""
+    model, variant, pairs = spec.rsplit(":", 2)  # MODEL may be a Keras_insightface path
+    pairs = int(pairs)
+    build_start = time.perf_counter()
+    if variant == KERAS_INSIGHTFACE:
+        step = _keras_insightface_step(model, pairs)
+    else:
+        step = _xcos_step(model, variant, pairs)
+    for _ in range(warmup):
+        float(step())
+    print("READY " + json.dumps({"versions": _versions(), "warmup_seconds": time.perf_counter() - build_start}), flush=True)
+    for line in sys.stdin:
+        if not line.startswith("run "):
+            break
+        min_seconds = float(line.split()[1])
+        start, cpu_start, steps = time.perf_counter(), time.process_time(), 0
+        while steps < 1 or time.perf_counter() - start < min_seconds:
+            loss = float(step())
+            steps += 1
+        print("RESULT " + json.dumps({
+            "steps": steps, "seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start,
+            "loss": loss,
+        }), flush=True)
+
+
+class _Worker:
+    """One variant's worker process; `run` blocks until it has timed one round."""
+
+    def __init__(self, label, spec, images_per_step, warmup):
+        self.label, self.images_per_step = label, images_per_step
+        self.rounds, self.error, self.info = [], None, {}
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+                   PYTHONPATH=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), f"--worker={spec}", f"--warmup={warmup}"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+
+    def _reply(self, prefix):
+        for line in self.process.stdout:
+            if line.startswith(prefix):
+                return json.loads(line[len(prefix):])
+        self.error = self.process.stderr.read()[-2000:]
+        return None
+
+    def wait_ready(self):
+        self.info = self._reply("READY ") or {}
+        return self.error is None
+
+    def run(self, seconds):
+        if self.error is not None:
+            return
+        self.process.stdin.write(f"run {seconds}\n")
+        self.process.stdin.flush()
+        result = self._reply("RESULT ")
+        if result is not None:
+            self.rounds.append(result)
+
+    def close(self):
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            self.process.wait(timeout=60)
+
+    def totals(self):
+        steps = sum(r["steps"] for r in self.rounds)
+        seconds = sum(r["seconds"] for r in self.rounds)
+        cpu_seconds = sum(r["cpu_seconds"] for r in self.rounds)
+        images = steps * self.images_per_step
+        return {"images_per_second": images / seconds, "images_per_cpu_second": images / cpu_seconds,
+                "per_round": [r["steps"] * self.images_per_step / r["cpu_seconds"] for r in self.rounds]}
+
+
+def compare_table(model, workers, baseline_label, reference_label=None):
+    """Markdown rows of one model's variants with their ratios to the baseline (and reference)."""
+    done = {w.label: w.totals() for w in workers if w.rounds}
+    header = "| model | variant | images/step | images/s (wall) | images per CPU-second (per round) | vs " + baseline_label
+    header += f" | vs {reference_label} |" if reference_label in done else " |"
+    rows = [header, "|" + "---|" * (header.count("|") - 1)]
+    for w in workers:
+        if w.label not in done:
+            rows.append(f"| {model} | {w.label} | {w.images_per_step} | failed | | |" + (" |" if reference_label in done else ""))
+            continue
+        t = done[w.label]
+        per_round = ", ".join(f"{x:.1f}" for x in t["per_round"])
+        row = (f"| {model} | {w.label} | {w.images_per_step} | {t['images_per_second']:.1f} | "
+               f"{t['images_per_cpu_second']:.1f} ({per_round}) |")
+        for other in (baseline_label, reference_label):
+            if other in done:
+                row += f" {t['images_per_cpu_second'] / done[other]['images_per_cpu_second']:.2f}x |"
+        rows.append(row)
+    return rows
+
+
+def run_compare(models, variants, pairs, rounds, round_seconds, warmup, keras_insightface_dir):
+    import tensorflow as tf
+
+    cpu_model, cpu_flags = cpu_info()
+    wanted = ("avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni", "avx2", "fma")
+    print(f"machine: {cpu_model}, {os.cpu_count()} CPUs; flags: "
+          + ", ".join(f"{f} {'yes' if f in cpu_flags else 'no'}" for f in wanted))
+    print(f"python {platform.python_version()}, tensorflow {tf.__version__}; load average "
+          + " ".join(f"{x:.1f}" for x in os.getloadavg()) + " at start")
+    tables = []
+    for model in models:
+        runnable = []
+        for variant in variants:
+            reason = skip_reason(variant, cpu_flags)
+            if reason:
+                print(f"{model} {variant}: skipped, {reason}")
+            else:
+                runnable.append(variant)
+        workers = [_Worker(v, f"{model}:{v}:{pairs[model]}", 2 * pairs[model], warmup) for v in runnable]
+        if keras_insightface_dir and model == "mobilefacenet":
+            spec = f"{os.path.abspath(keras_insightface_dir)}:{KERAS_INSIGHTFACE}:{pairs[model]}"
+            workers.append(_Worker(KERAS_INSIGHTFACE, spec, 2 * pairs[model], warmup))
+        elif keras_insightface_dir:
+            print(f"{model}: no Keras_insightface counterpart is run (its comparison is MobileFaceNet's)")
+        # Built and warmed up at the same time, then only one runs at a time.
+        for w in workers:
+            if w.wait_ready():
+                print(f"{model} {w.label}: ready ({w.info['versions']}; build + warm-up {w.info['warmup_seconds']:.0f} s)")
+            else:
+                print(f"{model} {w.label}: failed to start\n{w.error}")
+        for round_index in range(rounds):
+            for w in workers:
+                w.run(round_seconds)
+            print(f"{model} round {round_index + 1}/{rounds} done; load average {os.getloadavg()[0]:.1f}")
+        for w in workers:
+            w.close()
+            if w.error:
+                print(f"{model} {w.label}: failed\n{w.error}")
+        table = compare_table(model, workers, "keras_bn", KERAS_INSIGHTFACE if keras_insightface_dir else None)
+        print("\n".join(table) + "\n", flush=True)  # each model's table as soon as it is done, all again at the end
+        tables += table + [""]
+    print("load average " + " ".join(f"{x:.1f}" for x in os.getloadavg()) + " at the end\n")
+    print("\n".join(tables))
+
+
+def _compare_pairs(overrides):
+    """--pairs MODEL=N entries over COMPARE_PAIRS; a bad entry, model or variant is a `cli.UserError`."""
+    for name, values, valid in (("models", _MODELS.value, COMPARE_PAIRS), ("variants", _VARIANTS.value, VARIANTS)):
+        unknown = sorted(set(values) - set(valid))
+        if unknown or not values:
+            raise cli.UserError(f"--{name}: unknown or none {unknown}; valid: {', '.join(valid)}")
+    if _KERAS_INSIGHTFACE.value and not os.path.isfile(os.path.join(_KERAS_INSIGHTFACE.value, "models.py")):
+        raise cli.UserError(f"--keras_insightface_dir: no models.py in {_KERAS_INSIGHTFACE.value!r} (a Keras_insightface checkout)")
+    pairs = dict(COMPARE_PAIRS)
+    for entry in overrides:
+        model, _, count = entry.partition("=")
+        if model not in COMPARE_PAIRS or not count.isdigit() or int(count) < 1:
+            raise cli.UserError(f"--pairs: expected MODEL=POSITIVE_INT with MODEL one of {', '.join(COMPARE_PAIRS)}. Received: {entry!r}")
+        pairs[model] = int(count)
+    return pairs
+
+
 def main(argv):
     del argv
+    if _WORKER.value:
+        run_worker(_WORKER.value, _WARMUP.value)
+        return
+    if _COMPARE.value:
+        run_compare(_MODELS.value, _VARIANTS.value, _compare_pairs(_PAIRS.value), _ROUNDS.value, _ROUND_SECONDS.value,
+                    _WARMUP.value, _KERAS_INSIGHTFACE.value)
+        return
     if _RUN_CASE.value:
         print("RESULT " + json.dumps(run_case(_RUN_CASE.value, _MIN_STEPS.value, _SECONDS.value, _WARMUP.value, _TEACHER.value)))
         return
     unknown = set(_CASES.value) - set(CASES)
     if unknown:
-        raise app.UsageError(f"--cases: unknown {sorted(unknown)}; valid: {', '.join(CASES)}")
+        raise cli.UserError(f"--cases: unknown {sorted(unknown)}; valid: {', '.join(CASES)}")
     import tensorflow as tf
 
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
@@ -123,4 +415,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

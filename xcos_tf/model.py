@@ -142,7 +142,7 @@ class XCosTrainer(keras.Model):
             labels = ops.cast(ops.concatenate([batch["label_a"], batch["label_b"]], 0), "int32")
             labelled = ops.cast(labels != UNLABELLED, "float32")
             ce = keras.losses.sparse_categorical_crossentropy(
-                ops.maximum(labels, 0), outputs["logits"], from_logits=True
+                ops.maximum(labels, 0), ops.cast(outputs["logits"], "float32"), from_logits=True
             )
             ce_loss = ops.sum(ce * labelled) / ops.maximum(ops.sum(labelled), 1.0)
         teacher_cos = ops.cast(batch["teacher_cos"], "float32")

@@ -1,6 +1,8 @@
 """Pieces shared by the backbone families: input checks, pixel scaling, torch-style convs."""
 import keras
 
+from xcos_tf.layers.batch_norm import BatchNormalization
+
 GRID_STRIDE = 16
 
 
@@ -45,8 +47,9 @@ def torch_conv(x, filters, kernel_size, strides=1, name=None, use_bias=False, de
 
 
 def batch_norm(x, name, epsilon=1e-5):
-    # PyTorch's default epsilon and momentum, so imported statistics mean the same.
-    return keras.layers.BatchNormalization(epsilon=epsilon, momentum=0.9, name=name)(x)
+    # PyTorch's default epsilon and momentum, so imported statistics mean the same; the
+    # fused kernel for speed (issue 17), same weights and numerics as Keras'.
+    return BatchNormalization(epsilon=epsilon, momentum=0.9, name=name)(x)
 
 
 def prelu(x, name):

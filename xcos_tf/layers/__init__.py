@@ -1,4 +1,5 @@
 """xCos layers: the grid head, the explainable cosine and the margin heads."""
+from xcos_tf.layers.batch_norm import BatchNormalization
 from xcos_tf.layers.grid_head import GridHead
 from xcos_tf.layers.margin_heads import ArcFace, CosFace, MarginSoftmax
 from xcos_tf.layers.positionwise_grid_head import PositionwiseGridHead

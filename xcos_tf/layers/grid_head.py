@@ -1,6 +1,8 @@
 """The grid head: a 1x1 conv + BN + PReLU that turns the backbone map into xCos cells."""
 import keras
 
+from xcos_tf.layers.batch_norm import BatchNormalization
+
 
 @keras.saving.register_keras_serializable(package="xcos_tf")
 class GridHead(keras.layers.Layer):
@@ -34,7 +36,7 @@ class GridHead(keras.layers.Layer):
         )
         self._conv.build(input_shape)
         grid_shape = tuple(input_shape[:-1]) + (self.channels,)
-        self._bn = keras.layers.BatchNormalization(
+        self._bn = BatchNormalization(
             epsilon=1e-5, momentum=0.9, dtype=self.dtype_policy, name="bn"
         )
         self._bn.build(grid_shape)

@@ -3,6 +3,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from xcos_tf.layers.batch_norm import BatchNormalization
+
 ATTENTION_MODES = ("learned", "uniform", "fixed")
 _EPSILON = 1e-6
 
@@ -10,7 +12,7 @@ _EPSILON = 1e-6
 def _conv_bn_prelu(filters, dtype_policy, name):
     return [
         keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, dtype=dtype_policy, name=f"{name}_conv"),
-        keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9, dtype=dtype_policy, name=f"{name}_bn"),
+        BatchNormalization(epsilon=1e-5, momentum=0.9, dtype=dtype_policy, name=f"{name}_bn"),
         keras.layers.PReLU(shared_axes=[1, 2], dtype=dtype_policy, name=f"{name}_prelu"),
     ]
 

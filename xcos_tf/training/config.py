@@ -16,6 +16,7 @@ from xcos_tf.runtime import FORMATS as EXPORT_FORMATS
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
 OPTIMIZERS = ("sgd", "adam", "adamw")
+PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
 # The scale s and margin m of each margin head when --margin_scale / --margin_value are not given
 # (CosFace: Wang et al. 2018; ArcFace: Deng et al. 2019, as in insightface's arcface_torch).
 MARGIN_DEFAULTS = {"cosface": {"scale": 30.0, "value": 0.35}, "arcface": {"scale": 64.0, "value": 0.5}}
@@ -138,7 +139,13 @@ class TrainConfig:
         choices=STRATEGIES,
     )
     cpu_devices: int = _field(0, "Split the CPU into this many logical devices (0: leave as is).", lower_bound=0)
-    mixed_precision: bool = _field(False, "mixed_float16 compute with loss scaling (for GPUs; float32 otherwise).")
+    mixed_precision: str = _field(
+        "none",
+        "Precision policy: mixed_float16 (with loss scaling, for GPUs) or mixed_bfloat16 (for CPUs with "
+        "AVX512_BF16); losses and the xCos cosines stay float32.",
+        choices=PRECISIONS,
+    )
+    jit_compile: bool = _field(False, "Compile each replica's training step with XLA.")
     # === Run ===
     checkpoint_every: int = _field(500, "Save a checkpoint every N steps.", lower_bound=1)
     keep_checkpoints: int = _field(3, "Checkpoints to keep.", lower_bound=1)
@@ -170,6 +177,8 @@ class TrainConfig:
         with open(path) as f:
             values = json.load(f)
         known = {field.name for field in dataclasses.fields(cls)}
+        if isinstance(values.get("mixed_precision"), bool):  # params.json of runs before the enum
+            values["mixed_precision"] = "mixed_float16" if values["mixed_precision"] else "none"
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known})
 
     def to_json(self):

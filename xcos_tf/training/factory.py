@@ -134,7 +134,7 @@ def make_optimizer(config, name, learning_rate):
         optimizer = keras.optimizers.Adam(learning_rate, weight_decay=weight_decay)
     else:
         optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=config.weight_decay)
-    if config.mixed_precision:
+    if config.mixed_precision == "mixed_float16":  # bfloat16 has float32's range: no loss scale
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
 

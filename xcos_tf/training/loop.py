@@ -21,11 +21,13 @@ from xcos_tf.training.inputs import feature_caches, resolve_data, train_dataset_
 from xcos_tf.training.run_folder import BEST_MODEL, FINAL_MODEL, RunFolder
 
 
-def make_train_step(strategy, trainer, teacher=None, on_feature_maps=False):
+def make_train_step(strategy, trainer, teacher=None, on_feature_maps=False, jit_compile=False):
     """`iterator -> mean loss terms` of one distributed training step (a tf.function).
 
     With a `teacher`, teacher_cos is computed in the graph instead of read from the batch.
     With `on_feature_maps`, the batches hold cached backbone maps (`feature_a`, `feature_b`).
+    With `jit_compile`, each replica's step (forward, loss, gradients, updates) is XLA-compiled;
+    the input iterator stays outside, where XLA cannot go.
     """
     forward = trainer.call_on_feature_maps if on_feature_maps else trainer
 
@@ -39,6 +41,9 @@ def make_train_step(strategy, trainer, teacher=None, on_feature_maps=False):
             loss = terms["loss"] / strategy.num_replicas_in_sync
         trainer.apply_loss_gradients(tape, loss)
         return {name: tf.cast(value, tf.float32) for name, value in terms.items()}
+
+    if jit_compile:
+        replica_step = tf.function(replica_step, jit_compile=True, autograph=False)
 
     # No tensor-dependent Python control flow here: skipping AutoGraph saves many seconds of tracing.
     @tf.function(autograph=False)
@@ -69,10 +74,10 @@ def train(config):
             export(config)
         return {}
     keras.utils.set_random_seed(config.seed)
-    if config.mixed_precision:
-        if not tf.config.list_physical_devices("GPU"):
-            logging.warning("--mixed_precision without a GPU: float16 on the CPU is slow, not faster.")
-        keras.mixed_precision.set_global_policy("mixed_float16")
+    if config.mixed_precision != "none":
+        if config.mixed_precision == "mixed_float16" and not tf.config.list_physical_devices("GPU"):
+            logging.warning("--mixed_precision=mixed_float16 without a GPU: float16 on the CPU is slow, not faster.")
+        keras.mixed_precision.set_global_policy(config.mixed_precision)
     num_replicas = strategy.num_replicas_in_sync
     global_batch_size = config.batch_size * num_replicas
     with strategy.scope():
@@ -94,7 +99,7 @@ def train(config):
     )
 
     caches = feature_caches(config, trainer.backbone) if config.cache_backbone_features else None
-    train_step = make_train_step(strategy, trainer, teacher, on_feature_maps=bool(caches))
+    train_step = make_train_step(strategy, trainer, teacher, on_feature_maps=bool(caches), jit_compile=config.jit_compile)
     evaluator = Evaluator(config) if config.eval_pairs and chief else None
     history = {"step": [], "loss": [], "ce_loss": [], "xcos_loss": []}
     progbar = keras.utils.Progbar(config.train_steps, verbose=1 if chief else 0, stateful_metrics=["lr"])
