@@ -171,3 +171,49 @@ def test_tf_checkpoint_restores_every_attention_weight(tmp_path, grids):
     assert len(restored.weights) == len(layer.weights) == 18  # 3 x (conv, 4 BN, PReLU)
     for expected, got in zip(layer.weights, restored.weights):
         np.testing.assert_array_equal(got.numpy(), expected.numpy(), err_msg=expected.path)
+
+
+# === The attention prior: learned logits added to log(|a_i| |b_i|) ===
+
+
+def _numpy_norm_product(grid_a, grid_b):
+    return np.linalg.norm(grid_a, axis=-1) * np.linalg.norm(grid_b, axis=-1) + 1e-6
+
+
+def test_attention_prior_starts_at_the_norm_product(grids):
+    out = XCosLayer(attention_prior=True)(*grids)
+    prior = _numpy_norm_product(*grids)
+    np.testing.assert_allclose(np.asarray(out["attention_map"]), prior / prior.sum(axis=(1, 2), keepdims=True), atol=1e-6)
+
+
+def test_attention_prior_adds_to_the_learned_logits(grids):
+    plain, with_prior = XCosLayer(), XCosLayer(attention_prior=True)
+    plain(*grids)
+    with_prior(*grids)
+    rng = np.random.default_rng(6)
+    for weight in plain.weights:  # learned logits far from zero, shared by both layers
+        weight.assign(rng.uniform(0.5, 1.5, size=weight.shape).astype("float32"))
+    with_prior.set_weights(plain.get_weights())
+    learned = np.asarray(plain(*grids)["attention_map"])  # softmax of the learned logits alone
+    expected = learned * _numpy_norm_product(*grids)  # softmax(logits + log prior)
+    got = with_prior(*grids)
+    np.testing.assert_allclose(np.asarray(got["attention_map"]), expected / expected.sum(axis=(1, 2), keepdims=True), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got["score"]), (numpy_cos_map(*grids) * np.asarray(got["attention_map"])).sum(axis=(1, 2)), atol=1e-5)
+    swapped = with_prior(grids[1], grids[0])
+    for key in ("score", "attention_map"):
+        np.testing.assert_allclose(np.asarray(swapped[key]), np.asarray(got[key]), atol=1e-6)
+
+
+def test_attention_prior_needs_learned_attention():
+    with pytest.raises(ValueError, match="attention_prior"):
+        XCosLayer(attention="uniform", attention_prior=True)
+
+
+def test_xcos_layer_check_with_attention_prior(grids):
+    layer = run_layer_check(
+        XCosLayer,
+        {"attention_prior": True},
+        grids,
+        {"score": (3,), "cos_map": (3, 7, 7), "attention_map": (3, 7, 7)},
+    )
+    assert layer.get_config()["attention_prior"] is True

@@ -2,6 +2,7 @@
 import functools
 
 from xcos_tf.backbones.iresnet import iresnet
+from xcos_tf.backbones.linear_tail import LinearTail, read_linear_tail
 from xcos_tf.backbones.mobilefacenet import mobilefacenet
 from xcos_tf.backbones.onnx_import import from_onnx
 

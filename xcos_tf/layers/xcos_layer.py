@@ -36,6 +36,12 @@ class XCosLayer(keras.layers.Layer):
             exact form. Defaults to `True`.
         temperature: float > 0, divides the attention logits before the softmax.
             Defaults to `1.0`.
+        attention_prior: bool, with learned attention add `log(|a_i| |b_i| + eps)` (the
+            norms of the two faces' cells) to the learned logits, so attention starts at
+            the norm product: for centred partial embeddings of a face model's linear tail
+            that prior alone ranks cells well. The last attention conv is then
+            zero-initialised, so training starts exactly at the prior. The temperature
+            divides the sum. `False` (the default) is the paper's form.
         **kwargs: other keyword arguments passed to `keras.layers.Layer`.
 
     Call arguments:
@@ -58,7 +64,9 @@ class XCosLayer(keras.layers.Layer):
         ACM TOMM 2021 (arXiv:2003.05383).
     """
 
-    def __init__(self, attention="learned", fixed_weights=None, symmetric=True, temperature=1.0, **kwargs):
+    def __init__(
+        self, attention="learned", fixed_weights=None, symmetric=True, temperature=1.0, attention_prior=False, **kwargs
+    ):
         super().__init__(**kwargs)
         if attention not in ATTENTION_MODES:
             raise ValueError(f"`attention` must be one of {ATTENTION_MODES}. Received: attention={attention!r}")
@@ -66,6 +74,11 @@ class XCosLayer(keras.layers.Layer):
             raise ValueError(
                 "`fixed_weights` is required with attention='fixed' and only then. "
                 f"Received: attention={attention!r}, fixed_weights={fixed_weights!r}"
+            )
+        if attention_prior and attention != "learned":
+            raise ValueError(
+                "`attention_prior` adds to learned attention logits; it needs attention='learned'. "
+                f"Received: attention={attention!r}, attention_prior={attention_prior!r}"
             )
         if not temperature > 0:
             raise ValueError(f"`temperature` must be > 0. Received: temperature={temperature}")
@@ -81,6 +94,7 @@ class XCosLayer(keras.layers.Layer):
         self.fixed_weights = fixed_weights
         self.symmetric = symmetric
         self.temperature = float(temperature)
+        self.attention_prior = bool(attention_prior)
 
     def build(self, grid_a_shape, grid_b_shape=None):
         grid_shape = tuple(grid_a_shape)
@@ -100,12 +114,16 @@ class XCosLayer(keras.layers.Layer):
             _conv_bn_prelu(16, self.dtype_policy, "fuse") + _conv_bn_prelu(1, self.dtype_policy, "logit"), name="fuse"
         )
         self._fuse.build(shared_shape[:-1] + (2 * shared_shape[-1],))
+        if self.attention_prior:
+            # Zero learned logits (conv 0 -> BN 0 -> PReLU 0): training starts at the prior.
+            logit_conv = self._fuse.get_layer("logit_conv")
+            logit_conv.kernel.assign(ops.zeros(logit_conv.kernel.shape, logit_conv.kernel.dtype))
 
     def _attention_logits(self, shared_a, shared_b, training):
         fused = ops.concatenate([shared_a, shared_b], axis=-1)
         return ops.cast(self._fuse(fused, training=training)[..., 0], "float32")
 
-    def _attention_map(self, grid_a, grid_b, training):
+    def _attention_map(self, grid_a, grid_b, norm_product, training):
         batch = ops.shape(grid_a)[0]
         height, width = ops.shape(grid_a)[1], ops.shape(grid_a)[2]
         if self.attention == "uniform":
@@ -118,6 +136,8 @@ class XCosLayer(keras.layers.Layer):
         logits = self._attention_logits(shared_a, shared_b, training)
         if self.symmetric:
             logits = 0.5 * (logits + self._attention_logits(shared_b, shared_a, training))
+        if self.attention_prior:  # symmetric in a and b, like the averaged logits
+            logits = logits + ops.log(norm_product + _EPSILON)
         flat = ops.softmax(ops.reshape(logits / self.temperature, (batch, -1)), axis=-1)
         return ops.reshape(flat, (batch, height, width))
 
@@ -129,7 +149,7 @@ class XCosLayer(keras.layers.Layer):
         norm_a = ops.maximum(ops.sqrt(ops.sum(ops.square(a32), axis=-1)), _EPSILON)
         norm_b = ops.maximum(ops.sqrt(ops.sum(ops.square(b32), axis=-1)), _EPSILON)
         cos_map = ops.clip(ops.sum(a32 * b32, axis=-1) / (norm_a * norm_b), -1.0, 1.0)
-        attention_map = self._attention_map(grid_a, grid_b, training)
+        attention_map = self._attention_map(grid_a, grid_b, norm_a * norm_b, training)
         score = ops.sum(cos_map * attention_map, axis=(1, 2))
         return {"score": score, "cos_map": cos_map, "attention_map": attention_map}
 
@@ -153,6 +173,7 @@ class XCosLayer(keras.layers.Layer):
                 "fixed_weights": self.fixed_weights,
                 "symmetric": self.symmetric,
                 "temperature": self.temperature,
+                "attention_prior": self.attention_prior,
             }
         )
         return config
