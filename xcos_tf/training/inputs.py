@@ -48,16 +48,18 @@ def _check_split(config, scan, num_pipelines):
             )
         return
     counts = dict(zip(scan.files, scan.counts))
-    sources = _cache_sources(config)
-    planned = {cache: features.planned_file_count(cache, [counts[f] for f in files]) for cache, files in sources}
+    planned, fresh = {}, {}  # files per cache: as it is (or will be), and if written anew
+    for cache, files in _cache_sources(config):
+        planned[cache] = features.planned_file_count(cache, [counts[f] for f in files])
+        fresh[cache] = len(features.shard_ends([counts[f] for f in files]))
     if sum(planned.values()) >= num_pipelines:
         return
-    fresh = sum(len(features.shard_ends([counts[f] for f in files])) for _, files in sources)
     problem = (f"cannot split its feature caches by file over {num_pipelines} workers: "
                + ", ".join(f"{cache} holds {count} file(s)" for cache, count in planned.items()))
-    if fresh >= num_pipelines:  # caches written whole by an earlier version: a new one is cut finer
-        raise ConfigError("cache_backbone_features", f"{problem}; delete them so that they are written again in "
-                          f"{fresh} files (cut at every input shard's end), or train with fewer workers")
+    if sum(fresh.values()) >= num_pipelines:  # caches written whole by an earlier version
+        old = [cache for cache in planned if planned[cache] < fresh[cache]]
+        raise ConfigError("cache_backbone_features", f"{problem}; delete {', '.join(old)} so that it is written "
+                          "again in more files (cut at every input shard's end), or train with fewer workers")
     raise ConfigError("cache_backbone_features", f"{problem} (one per input shard, at most "
                       f"{features.RECORDS_PER_SHARD} faces each); write more, smaller input shards "
                       "(make_shards --shard_mb) or train with fewer workers")
