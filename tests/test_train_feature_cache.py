@@ -1,9 +1,11 @@
 """xcos_tf.train --cache_backbone_features: a frozen backbone runs once, training uses its cached maps."""
 import dataclasses
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import types
 
 import pytest
 
@@ -70,3 +72,18 @@ def test_non_chief_temporary_folders_go_on_errors_and_after_kills(tmp_path, monk
     live = tempfile.mkdtemp(prefix=f"{run_folder.WORKER_DIR_PREFIX}{os.getppid()}_")
     assert run_folder.sweep_worker_dirs() == [stale]
     assert os.listdir(tempfile.tempdir) == [os.path.basename(live)]
+
+
+def test_chief_alive_asks_the_chief_address_of_the_cluster():
+    """A waiting worker's liveness check: the chief's TF_CONFIG address accepts connections."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    address = f"127.0.0.1:{server.getsockname()[1]}"
+    cluster = {"worker": [address, "127.0.0.1:1"]}
+    strategy = types.SimpleNamespace(cluster_resolver=types.SimpleNamespace(
+        cluster_spec=lambda: types.SimpleNamespace(as_dict=lambda: cluster), task_type="worker"))
+    alive = inputs.chief_alive(strategy)
+    assert alive() and inputs.num_input_pipelines(strategy) == 2
+    server.close()
+    assert not alive()
