@@ -1,4 +1,6 @@
 """Feature cache: written once from face/pair shards, refused when stale, sampled into pairs."""
+import os
+
 import numpy as np
 import pytest
 
@@ -16,14 +18,17 @@ def test_face_cache_round_trip_and_pairs(tmp_path, backbone):
                                             unlabelled_fraction=0.2)
     manifest = features.write_feature_shards(backbone, shards, tmp_path / "cache", progress=False)
     assert manifest["complete"] and manifest["num_records"] == 24
+    # One cache file per input shard (so that workers can split it by file), nothing staged left.
+    assert [s["records"] for s in manifest["shards"]] == [12, 12]
+    assert not (tmp_path / "cache.partial").exists()
     # A second run finds the complete cache and writes nothing.
     assert features.write_feature_shards(backbone, shards, tmp_path / "cache", progress=False) == manifest
     dataset = features.feature_pair_dataset(tmp_path / "cache", batch_size=8, seed=1, deterministic=True)
     batch = next(iter(dataset))
     assert batch["feature_a"].shape == (8,) + backbone.output_shape[1:]
     assert np.all(np.abs(batch["teacher_cos"].numpy()) <= 1.0)
-    same = batch["label_a"].numpy() == batch["label_b"].numpy()
-    assert np.all(batch["label_a"].numpy()[same] >= 0)
+    for side in ("label_a", "label_b"):  # labels 0..2, or -1 for the unlabelled faces
+        assert set(batch[side].numpy()) <= {-1, 0, 1, 2}
     # A cached map equals the backbone's output on the face (float16 precision).
     images = next(iter(records_images(shards[0])))
     expected = backbone(images[None], training=False).numpy()[0]
@@ -78,3 +83,56 @@ def test_pair_cache_computes_each_face_once(tmp_path, backbone):
     np.testing.assert_allclose(loaded["teacher_cos"], [0.0, 0.0, 1.0])
     np.testing.assert_array_equal(loaded["map_a"][0], loaded["map_a"][1])  # face 0 twice, one map
     np.testing.assert_array_equal(loaded["map_b"][2], loaded["map_a"][2])
+
+
+def test_cache_is_cut_at_every_source_shard_end():
+    assert features.shard_ends([2500, 0, 3]) == [1000, 2000, 2500, 2503]
+    assert features.shard_ends([12, 12], records_per_shard=5) == [5, 10, 12, 17, 22, 24]
+
+
+def test_a_killed_writer_resumes_from_the_staging_folder(tmp_path, backbone, monkeypatch):
+    shards = records.write_synthetic_shards(tmp_path / "faces", num_shards=3, records_per_shard=4, num_classes=2)
+    expected = features.write_feature_shards(backbone, shards, tmp_path / "fresh", batch_size=5, progress=False)
+    assert [s["records"] for s in expected["shards"]] == [4, 4, 4]  # batches of 5 span the shard ends
+    written = []
+    real_write_shard = records.write_shard
+
+    def write_two_then_die(path, serialized):
+        if len(written) == 2:
+            raise KeyboardInterrupt  # a kill between two cache files
+        written.append(path)
+        return real_write_shard(path, serialized)
+
+    monkeypatch.setattr(records, "write_shard", write_two_then_die)
+    cache = tmp_path / "cache"
+    with pytest.raises(KeyboardInterrupt):
+        features.write_feature_shards(backbone, shards, cache, batch_size=5, progress=False)
+    # Nothing in place yet: the cache folder has no manifest for a reader to take as complete.
+    assert features.planned_file_count(cache, [4, 4, 4]) == 3 and records.read_manifest(cache) is None
+    assert records.read_manifest(features.staging_dir(cache))["num_records"] == 8
+    monkeypatch.setattr(records, "write_shard", real_write_shard)
+    resumed = features.write_feature_shards(backbone, shards, cache, batch_size=5, progress=False)
+    assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in expected["shards"]]
+    assert sorted(p.name for p in cache.iterdir()) == [s["file"] for s in resumed["shards"]] + ["manifest.json"]
+    assert not os.path.exists(features.staging_dir(cache))
+
+
+def test_a_single_file_cache_of_an_earlier_version_is_used_as_it_is(tmp_path, backbone, monkeypatch):
+    shards = records.write_synthetic_shards(tmp_path / "faces", num_shards=2, records_per_shard=4, num_classes=2)
+    monkeypatch.setattr(features, "shard_ends", lambda counts: [sum(counts)])  # the old cut: 1000 records
+    old = features.write_feature_shards(backbone, shards, tmp_path / "cache", progress=False)
+    monkeypatch.undo()
+    assert len(old["shards"]) == 1 and features.planned_file_count(tmp_path / "cache", [4, 4]) == 1
+    assert features.write_feature_shards(backbone, shards, tmp_path / "cache", progress=False) == old
+    assert features.planned_file_count(tmp_path / "new", [4, 4]) == 2
+
+
+def test_wait_for_cache_returns_the_manifest_or_names_a_lost_writer(tmp_path, backbone):
+    shards = records.write_synthetic_shards(tmp_path / "faces", num_shards=1, records_per_shard=4, num_classes=2)
+    with pytest.raises(features.CacheWriterLostError, match="stopped before it was complete; start the job again"):
+        features.wait_for_cache(tmp_path / "cache", writer_alive=lambda: False, poll_seconds=0.01)
+    os.makedirs(features.staging_dir(tmp_path / "cache"))
+    with pytest.raises(features.CacheWriterLostError, match="got no new bytes in 0 s"):
+        features.wait_for_cache(tmp_path / "cache", writer_alive=lambda: True, poll_seconds=0.01, stall_seconds=0.05)
+    manifest = features.write_feature_shards(backbone, shards, tmp_path / "cache", progress=False)
+    assert features.wait_for_cache(tmp_path / "cache", writer_alive=lambda: False) == manifest

@@ -10,7 +10,7 @@ import pytest
 import tiny_verifiers
 from common_testing import REPO_ROOT
 
-from xcos_tf import evaluate, scoring
+from xcos_tf import evaluate, metrics, scoring
 from xcos_tf.data import align
 
 
@@ -148,6 +148,9 @@ def test_evaluate_pairs_reports_every_measure(tmp_path):
     table = evaluate.format_table(results)
     for text in ("10-fold accuracy", "TAR @ FAR=0.001", "occluded (sunglasses)", "deletion AUC", "Pearson"):
         assert text in table
+    # 20 different-person pairs resolve neither FAR 1e-2 nor 1e-3: one line says so for each.
+    assert [line.strip() for line in table.splitlines() if "below 1/20" in line] == [
+        metrics.unresolved_far(1e-2, 20), metrics.unresolved_far(1e-3, 20)]
     written = evaluate.save_plots(results, pairs, tmp_path)
     assert [os.path.basename(p) for p in written] == ["roc.png", "deletion.png", "occluders.png"]
     assert all(align.read_image(p).std() > 5 for p in written)

@@ -62,6 +62,39 @@ def test_tar_at_far_by_hand():
     assert (everything.tar, everything.far) == (1.0, 1.0)
 
 
+def test_unresolved_far_names_the_smallest_resolvable_far():
+    # 100 different pairs resolve FAR 0.01 (one false accept) but not 1e-3.
+    note = metrics.unresolved_far(1e-3, 100)
+    assert note == ("FAR target 0.001 is below 1/100 different-person pairs: the smallest FAR they resolve is 0.01 "
+                    "(the threshold accepts none of them); 1000 or more such pairs are needed for 0.001")
+    assert metrics.unresolved_far(1e-2, 100) is None and metrics.unresolved_far(1e-3, 1000) is None
+    assert metrics.unresolved_far(0.0, 100) is None  # FAR 0 means "accept none": always resolved
+    with pytest.raises(ValueError, match="num_different"):
+        metrics.unresolved_far(1e-3, 0)
+
+
+def test_choose_threshold_warns_when_the_far_target_is_unresolvable(monkeypatch, capsys):
+    import json
+
+    from absl import flags
+
+    from tools import choose_threshold
+    scores = np.linspace(0, 1, 150)
+    is_same = np.arange(150) >= 100  # 100 different-person pairs
+    monkeypatch.setattr(choose_threshold.xcos_model, "build_verifier", lambda path: None)
+    monkeypatch.setattr(choose_threshold, "pair_scores", lambda verifier, patterns: (scores, is_same))
+    flag_values = flags.FLAGS
+    flag_values(["choose_threshold", "--weights=w.keras", "--pairs=p", "--far=1e-3"])
+    try:
+        choose_threshold.main([])
+    finally:
+        flag_values.unparse_flags()
+    out, err = capsys.readouterr()
+    assert err.strip() == "warning: " + metrics.unresolved_far(1e-3, 100)
+    result = json.loads(out)
+    assert result["smallest_resolved_far"] == 0.01 and result["far"] == 0.0 and result["target_far"] == 1e-3
+
+
 def test_tar_at_far_never_exceeds_the_target_with_ties():
     scores = np.array([0.9, 0.5, 0.5, 0.5, 0.1, 0.1])
     is_same = np.array([1, 1, 0, 0, 0, 0], bool)

@@ -30,6 +30,7 @@ import tensorflow as tf
 from common_testing import REPO_ROOT, TINY_BACKBONE_SPEC as TINY_BACKBONE
 from training_testing import checkpoint_counters, run_python
 from xcos_tf.data import records
+from xcos_tf.training import run_folder
 
 IMAGE_SHAPE = (32, 32, 3)
 
@@ -59,14 +60,37 @@ def _free_ports(count):
             s.close()
 
 
-def _train_command(shards, model_dir, train_steps, checkpoint_every, export_formats=""):
+def _train_command(shards, model_dir, train_steps, checkpoint_every, export_formats="", extra_flags=()):
     return [
         sys.executable, "-m", "xcos_tf.train", "--strategy=multi_worker",
         f"--train_shards={os.path.dirname(shards[0])}/*.tfrecord", f"--image_size={IMAGE_SHAPE[0]}",
         f"--backbone={TINY_BACKBONE}", f"--batch_size={BATCH_SIZE}", f"--train_steps={train_steps}",
         "--learning_rate=0.05", f"--checkpoint_every={checkpoint_every}", "--keep_checkpoints=100", "--log_every=1",
         "--deterministic", "--shuffle_buffer=32", f"--export_formats={export_formats}", f"--model_dir={model_dir}",
+        *extra_flags,  # absl: a flag given again takes the last value
     ]
+
+
+def _stage1_flags(onnx_path):
+    """The shipped stage-1 recipe (xcos_tf/configs/local_mobilefacenet.flags) in miniature: an
+    imported ONNX body, frozen, its maps cached; grid head and learned symmetric attention
+    trained on the teacher cosine only."""
+    return [
+        f"--init_backbone=onnx:{onnx_path}", "--freeze_backbone", "--cache_backbone_features", "--grid_channels=8",
+        "--attention=learned", "--symmetric", "--ce_weight=0", "--xcos_weight=1.0", "--optimizer=adamw",
+        "--learning_rate=3e-3", "--weight_decay=0", "--attention_optimizer=adam", "--attention_learning_rate=3e-3",
+        "--lr_schedule=cosine",
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx_body(tmp_path_factory):
+    import onnx
+    from tiny_onnx_tails import tiny_face_model
+
+    path = tmp_path_factory.mktemp("onnx") / "tiny_face_model.onnx"
+    onnx.save(tiny_face_model(), str(path))
+    return path
 
 
 class _Job:
@@ -172,6 +196,15 @@ def test_two_workers_train_like_one_process_and_only_the_chief_writes(tmp_path, 
 
     # The reference: the same config (the chief's params.json) on 2 replicas in one process,
     # replica i reading with worker i's input context.
+    reference = _reference_losses(model_dir)
+    (two_workers,) = _losses_by_run(model_dir / "logs")
+    assert sorted(two_workers) == list(range(1, 7))
+    assert [two_workers[step] for step in range(1, 7)] == pytest.approx(reference, rel=LOSS_RTOL)
+
+
+def _reference_losses(model_dir):
+    """The losses of the run's config (the chief's params.json) on 2 replicas of one process,
+    replica i reading with worker i's input context (and the chief's feature caches, if any)."""
     script = textwrap.dedent(f"""
         import json
         import keras
@@ -183,18 +216,78 @@ def test_two_workers_train_like_one_process_and_only_the_chief_writes(tmp_path, 
         keras.utils.set_random_seed(config.seed)
         with strategy.scope():
             trainer = factory.build_model(config, strategy.num_replicas_in_sync)
+        # Complete caches are checked and returned as they are: the chief's, not new ones.
+        caches = inputs.feature_caches(config, trainer.backbone) if config.cache_backbone_features else None
         per_replica = tf.distribute.InputOptions(experimental_replication_mode=tf.distribute.InputReplicationMode.PER_REPLICA)
-        dataset_fn = inputs.train_dataset_fn(config, config.batch_size * strategy.num_replicas_in_sync, 0, 0)
+        dataset_fn = inputs.train_dataset_fn(config, config.batch_size * strategy.num_replicas_in_sync, 0, 0, caches)
         iterator = iter(strategy.distribute_datasets_from_function(dataset_fn, per_replica))
-        train_step = loop.make_train_step(strategy, trainer)
+        train_step = loop.make_train_step(strategy, trainer, on_feature_maps=bool(caches))
         print("LOSSES", json.dumps([float(train_step(iterator)["loss"]) for _ in range(config.train_steps)]))
     """)
     result = run_python(["-c", script])
     assert result.returncode == 0, result.stderr[-3000:]
-    reference = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("LOSSES"))[len("LOSSES"):])
+    return json.loads(next(line for line in result.stdout.splitlines() if line.startswith("LOSSES"))[len("LOSSES"):])
+
+
+def test_two_workers_on_cached_features_of_a_frozen_onnx_body(tmp_path, shards, tiny_onnx_body, start_job):
+    """Stage 1 of the shipped recipe on two workers: the chief alone computes the feature cache
+    (one file per input shard), worker 1 waits for it, each reads its own cache files."""
+    model_dir = tmp_path / "run"
+    stale_worker_dir = tempfile.mkdtemp(prefix=f"{run_folder.WORKER_DIR_PREFIX}{_dead_pid()}_")
+    job = start_job(_train_command(shards, model_dir, train_steps=4, checkpoint_every=2,
+                                   extra_flags=_stage1_flags(tiny_onnx_body)), "cached")
+    codes = job.wait()
+    assert codes == [0, 0], job.log(0)[-3000:] + job.log(1)[-3000:]
+    chief_log, worker_log = job.log(0), job.log(1)
+    assert "Computing the feature cache" in chief_log and "Computing the feature cache" not in worker_log
+    assert "waits for the chief's feature cache" in worker_log
+
+    # Only the chief's files remain: the run, and the cache in it, cut at every input shard's end.
+    assert sorted(os.listdir(model_dir)) == ["best.keras", "checkpoints", "feature_cache", "final.keras", "logs",
+                                             "params.json"]
+    (cache,) = os.listdir(model_dir / "feature_cache")
+    manifest = records.read_manifest(model_dir / "feature_cache" / cache)
+    assert manifest["complete"] and [s["records"] for s in manifest["shards"]] == [16] * NUM_SHARDS
+    assert sorted(os.listdir(model_dir / "feature_cache" / cache)) == sorted(
+        [s["file"] for s in manifest["shards"]] + ["manifest.json"])
+    assert not os.path.exists(_worker_temp_dir(worker_log))
+    # The dead process's temporary folder was swept at the start; a live one's is never touched.
+    assert not os.path.exists(stale_worker_dir)
+
+    # Worker i reads cache files i, i + 2: disjoint, all four.
+    chief_ids, chief_files = _files_read(chief_log)
+    worker_ids, worker_files = _files_read(worker_log)
+    assert (chief_ids, worker_ids) == ({0}, {1}) and not chief_files & worker_files
+    assert {os.path.basename(f) for f in chief_files | worker_files} == {s["file"] for s in manifest["shards"]}
+
     (two_workers,) = _losses_by_run(model_dir / "logs")
-    assert sorted(two_workers) == list(range(1, 7))
-    assert [two_workers[step] for step in range(1, 7)] == pytest.approx(reference, rel=LOSS_RTOL)
+    assert [two_workers[step] for step in range(1, 5)] == pytest.approx(_reference_losses(model_dir), rel=LOSS_RTOL)
+
+
+def test_a_feature_cache_that_cannot_be_split_is_refused_before_any_work(tmp_path, shards, start_job):
+    """A complete cache in one file (as an earlier version wrote it) cannot feed two workers:
+    both exit 2 with one line naming the cache, before building or computing anything."""
+    model_dir = tmp_path / "run"
+    cache = model_dir / "feature_cache" / f"00_{os.path.basename(os.path.dirname(shards[0]))}"
+    os.makedirs(cache)
+    records.write_shard(cache / "features-00000.tfrecord", [b""])
+    records.write_json_atomic(cache / "manifest.json", {"complete": True, "shards": [{"file": "features-00000.tfrecord"}]})
+    job = start_job(_train_command(shards, model_dir, 2, 2, extra_flags=["--freeze_backbone", "--cache_backbone_features"]),
+                    "refused")
+    assert job.wait() == [2, 2], job.log(0)[-3000:]
+    for index in range(2):
+        (line,) = [line for line in job.log(index).splitlines() if line.startswith("error:")]
+        assert f"--cache_backbone_features cannot split its feature caches by file over 2 workers: {cache} holds 1 file(s)" in line
+        assert f"; delete {cache} so that it is written again in more files" in line
+        assert "Traceback" not in job.log(index)
+    assert sorted(os.listdir(model_dir)) == ["feature_cache"]  # not even params.json
+
+
+def _dead_pid():
+    """The id of a process that has exited."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
 
 
 def test_a_killed_worker_and_a_restarted_job_resume_from_the_last_checkpoint(tmp_path, shards, start_job):

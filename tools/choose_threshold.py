@@ -7,7 +7,9 @@ The shipped model's threshold is chosen on pairs of held-out training people
     python -m tools.choose_threshold --weights=runs/default/best.keras \
         --pairs=shards/default/holdout_pairs --far=1e-3
 
-Prints one JSON line: threshold, the false-accept and true-accept rates at it, the pairs used.
+Prints one JSON line: threshold, the false-accept and true-accept rates at it, the smallest
+false-accept rate the pairs resolve (1 / different-person pairs), the pairs used; and a warning
+line on stderr when --far is below that rate.
 """
 import json
 import os
@@ -50,8 +52,13 @@ def main(argv):
     verifier = xcos_model.build_verifier(_WEIGHTS.value)
     scores, is_same = pair_scores(verifier, _PAIRS.value)
     chosen = metrics.tar_at_far(scores, is_same, _FAR.value)
+    num_different = int((~is_same).sum())
+    warning = metrics.unresolved_far(_FAR.value, num_different)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     print(json.dumps({"threshold": chosen.threshold, "far": chosen.far, "tar": chosen.tar, "target_far": _FAR.value,
-                      "pairs": int(len(is_same)), "same_pairs": int(is_same.sum()), "weights": _WEIGHTS.value}))
+                      "smallest_resolved_far": 1 / num_different, "pairs": int(len(is_same)),
+                      "same_pairs": int(is_same.sum()), "weights": _WEIGHTS.value}))
 
 
 if __name__ == "__main__":

@@ -315,6 +315,8 @@ def format_table(results):
         label = f"TAR @ FAR={key} ({int(far * different + 1e-9)} of {different} FA)"
         lines.append(f"{label:34}" + "".join(
             f"{100 * verification[n]['tar_at_far'][key]['tar']:>25.2f} %" for n in names))
+    # One line per FAR target that these pairs cannot resolve (its TAR row is then not at that FAR).
+    lines.extend(f"  {note}" for note in (metrics.unresolved_far(far, different) for far in FARS) if note)
     for kind, row in results["occlusion"].items():
         lines.append(f"{'occluded (' + kind + ') accuracy':34}" + "".join(
             f"{100 * row['accuracy'][n]:>25.2f} %" if n in row["accuracy"] else f"{'-':>27}" for n in names))

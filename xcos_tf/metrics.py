@@ -1,6 +1,7 @@
 """Face verification metrics in pure numpy (no TensorFlow): the training loop and the
 evaluation tool share them."""
 import collections
+import math
 
 import numpy as np
 
@@ -133,6 +134,20 @@ def tar_at_far(scores, is_same, far):
         far=float(np.mean(different >= threshold)),
         threshold=threshold,
     )
+
+
+def unresolved_far(far, num_different):
+    """One line saying that `far` is below 1 / `num_different`, the smallest non-zero
+    false-accept rate that many different-person pairs can measure, and which rate they do
+    resolve; None when they resolve `far` (or it is 0). `tar_at_far` then accepts none of them:
+    its threshold is set by the single highest different-person score, not by the target."""
+    if num_different < 1:
+        raise ValueError(f"`num_different` must be at least 1. Received: num_different={num_different}")
+    if far == 0 or far * num_different >= 1 - 1e-9:  # the same tolerance as tar_at_far's floor
+        return None
+    return (f"FAR target {far:g} is below 1/{num_different} different-person pairs: the smallest FAR they resolve "
+            f"is {1 / num_different:.3g} (the threshold accepts none of them); {math.ceil(1 / far - 1e-9)} or more "
+            f"such pairs are needed for {far:g}")
 
 
 def roc_curve(scores, is_same):

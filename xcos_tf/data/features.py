@@ -8,6 +8,13 @@ horizontal flip, so that training keeps the flip augmentation) or over evaluatio
 and writes feature shards (float16 maps) with a `manifest.json` that records the backbone's
 weight fingerprint: a cache made with other weights is refused, not silently used.
 
+The cache is cut at the end of every source shard (and every 1,000 records within one), so it
+has at least as many files as its source and `distribute_datasets_from_function` can split it
+by file over workers like the shards themselves. It is written in a staging folder beside it
+(`OUT_DIR.partial`, where a killed run resumes), then its files are moved into place and its
+manifest is written last: a process that finds a complete manifest finds the whole cache, and
+other processes wait for it with `wait_for_cache` instead of computing it again.
+
 `feature_pair_dataset` samples training pairs from face feature shards with the same pair
 sampler as the image pipeline (`pipeline.sample_pairs`) and yields
     {"feature_a", "feature_b": float32 [B, H, W, C], "label_a", "label_b": int32 [B],
@@ -18,6 +25,8 @@ feature shards as numpy arrays for fast evaluation.
 import functools
 import hashlib
 import os
+import shutil
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -44,11 +53,44 @@ FEATURE_PAIR_KEYS = {
     "teacher_b": "pair/teacher_b",
 }
 FEATURE_DTYPE = np.float16  # halves the cache; the maps' relative error stays below 1e-3
-_RECORDS_PER_SHARD = 1000
+RECORDS_PER_SHARD = 1000  # a cache file holds at most this many records (about 100 MB of 7x7x512 maps)
 
 
 class StaleFeatureCacheError(ValueError):
     """A feature cache written from other source shards or other backbone weights."""
+
+
+class CacheWriterLostError(RuntimeError):
+    """The process writing a feature cache that this one waits for stopped or stalled."""
+
+
+def shard_ends(counts, records_per_shard=RECORDS_PER_SHARD):
+    """Record positions (in the concatenation of source shards of `counts` records) where the
+    cache is cut: every source shard's end and every `records_per_shard` records within one."""
+    ends, total = [], 0
+    for count in counts:
+        ends.extend(range(total + records_per_shard, total + count, records_per_shard))
+        total += count
+        if count:
+            ends.append(total)
+    return ends
+
+
+def staging_dir(out_dir):
+    """The folder where the cache of `out_dir` is written before it is moved into place."""
+    return os.path.normpath(os.fspath(out_dir)) + ".partial"
+
+
+def planned_file_count(out_dir, counts):
+    """How many files the cache in `out_dir` of source shards of `counts` records has (when
+    complete) or will have once written (when absent or partial)."""
+    manifest = records.read_manifest(out_dir)
+    if manifest is not None and manifest.get("complete"):
+        return len(manifest["shards"])
+    progress = manifest or records.read_manifest(staging_dir(out_dir)) or {"shards": []}
+    done = progress["shards"]
+    end = done[-1]["end"] if done else 0
+    return len(done) + sum(1 for cut in shard_ends(counts) if cut > end)
 
 
 def backbone_fingerprint(backbone):
@@ -95,20 +137,20 @@ def _encode_pair(pair, map_a, map_b):
     return example.SerializeToString(deterministic=True)
 
 
-def _source_batches(scan, kind, batch_size, start):
+def _source_batches(scan, kind, batch_size, start, image_shape):
     """Decoded records of the scanned shards in file order from record `start`, batched."""
     dataset = tf.data.Dataset.from_tensor_slices((tf.constant(scan.files), tf.constant(scan.counts, tf.int64)))
     dataset = dataset.flat_map(lambda path, count: tf.data.TFRecordDataset(path).take(count)).skip(start)
     if kind == "faces":
         def decode(serialized):
             face = records.decode_face(serialized)
-            face["image"] = pipeline.decode_image(face.pop("image_encoded"))
+            face["image"] = pipeline.decode_image(face.pop("image_encoded"), image_shape)
             return face
     else:
         def decode(serialized):
             pair = records.decode_pair(serialized)
-            pair["image_a"] = pipeline.decode_image(pair["image_a"])
-            pair["image_b"] = pipeline.decode_image(pair["image_b"])
+            pair["image_a"] = pipeline.decode_image(pair["image_a"], image_shape)
+            pair["image_b"] = pipeline.decode_image(pair["image_b"], image_shape)
             return pair
     return dataset.map(decode, num_parallel_calls=2).batch(batch_size).prefetch(1)
 
@@ -151,39 +193,44 @@ def write_feature_shards(backbone, shard_patterns, out_dir, kind="faces", batch_
         source_manifest = records.read_manifest(os.path.dirname(scan.files[0])) or {}
         config["num_classes"] = scan.num_classes
         config["classes"] = source_manifest.get("classes", [])
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir, staging = os.fspath(out_dir), staging_dir(out_dir)
     manifest = records.read_manifest(out_dir)
-    shards = []
     if manifest is not None:
-        changed = [key for key in config if manifest.get(key) != config[key]]
-        if changed:
-            raise StaleFeatureCacheError(
-                f"{out_dir} holds features of other inputs or backbone weights ({', '.join(changed)} differ); "
-                "delete it or choose another folder"
-            )
-        shards = [s for s in manifest["shards"]
-                  if records.sha256_file(os.path.join(out_dir, s["file"])) == s["sha256"]]
-        if manifest.get("complete") and len(shards) == len(manifest["shards"]):
+        _check_same_source(manifest, config, out_dir)
+        if manifest.get("complete") and all(_intact(out_dir, s) for s in manifest["shards"]):
             return manifest
+        if not os.path.exists(staging):
+            # A partial cache of an earlier version (or a damaged one): continue it in the staging folder.
+            os.rename(out_dir, staging)
+    os.makedirs(staging, exist_ok=True)
+    progress = records.read_manifest(staging)
+    shards = []
+    if progress is not None:
+        _check_same_source(progress, config, staging)
+        for entry in progress["shards"]:  # continue after the last intact shard
+            if not _intact(staging, entry):
+                break
+            shards.append(entry)
     total = int(sum(scan.counts))
     start = shards[-1]["end"] if shards else 0
-    if start:
-        logging.info("Resuming the feature cache in %s at record %d of %d", out_dir, start, total)
+    logging.info("Computing the feature cache %s: records %d to %d, staged in %s", out_dir, start, total, staging)
+    cuts = [cut for cut in shard_ends(scan.counts) if cut > start]
 
     @tf.function(reduce_retracing=True)
     def maps_of(images):
         return backbone(images, training=False)
 
     def write(pending, end):
-        entry = records.write_shard(os.path.join(out_dir, records.shard_name("features", len(shards))), pending)
+        entry = records.write_shard(os.path.join(staging, records.shard_name("features", len(shards))), pending)
         entry["end"] = end
         shards.append(entry)
-        records.write_json_atomic(os.path.join(out_dir, records.MANIFEST_NAME),
-                                  dict(config, shards=shards, num_records=end, complete=end == total))
+        records.write_json_atomic(os.path.join(staging, records.MANIFEST_NAME),
+                                  dict(config, shards=shards, num_records=end, complete=False))
 
     pending, index, maps_by_source = [], start, {}
     bar = tqdm.tqdm(total=total, initial=start, desc=f"feature maps ({kind})", unit="record", disable=not progress)
-    for batch in _source_batches(scan, kind, batch_size, start):
+    # The backbone's input size: the faces of the shards must have it.
+    for batch in _source_batches(scan, kind, batch_size, start, tuple(backbone.input_shape[1:])):
         batch = {key: value.numpy() for key, value in batch.items()}
         if kind == "faces":
             feature_maps = maps_of(batch["image"]).numpy()
@@ -209,13 +256,68 @@ def write_feature_shards(backbone, shard_patterns, out_dir, kind="faces", batch_
                 pending.append(_encode_pair(pair, maps_by_source[keys["a"][i]], maps_by_source[keys["b"][i]]))
         index += len(next(iter(batch.values())))
         bar.update(len(next(iter(batch.values()))))
-        if len(pending) >= _RECORDS_PER_SHARD:
-            write(pending, index)
-            pending = []
+        while cuts and index >= cuts[0]:  # a batch may span the end of a source shard
+            size = len(pending) - (index - cuts[0])
+            write(pending[:size], cuts.pop(0))
+            pending = pending[size:]
     bar.close()
-    if pending or not shards or shards[-1]["end"] != total:
-        write(pending, index)
-    return records.read_manifest(out_dir)
+    return _move_into_place(staging, out_dir, dict(config, shards=shards, num_records=total, complete=True))
+
+
+def _check_same_source(manifest, config, folder):
+    changed = [key for key in config if manifest.get(key) != config[key]]
+    if changed:
+        raise StaleFeatureCacheError(
+            f"{folder} holds features of other inputs or backbone weights ({', '.join(changed)} differ); "
+            "delete it or choose another folder"
+        )
+
+
+def _intact(folder, entry):
+    path = os.path.join(folder, entry["file"])
+    return os.path.isfile(path) and records.sha256_file(path) == entry["sha256"]
+
+
+def _move_into_place(staging, out_dir, manifest):
+    """Moves the staged shards into `out_dir`, then writes its manifest: the last file, so that
+    a complete manifest always describes files that are all there."""
+    os.makedirs(out_dir, exist_ok=True)
+    for entry in manifest["shards"]:
+        os.replace(os.path.join(staging, entry["file"]), os.path.join(out_dir, entry["file"]))
+    records.write_json_atomic(os.path.join(out_dir, records.MANIFEST_NAME), manifest)
+    shutil.rmtree(staging)
+    return manifest
+
+
+def wait_for_cache(out_dir, writer_alive, poll_seconds=2.0, stall_seconds=1800.0):
+    """Waits for another process (the chief) to complete the feature cache in `out_dir`.
+
+    Args:
+        writer_alive: `() -> bool`, whether the writing process still runs.
+        stall_seconds: how long the staging folder may stay unchanged (no new bytes written).
+
+    Returns the cache's manifest; raises `CacheWriterLostError` when the writer stops or stalls.
+    """
+    last_state, last_change = None, time.monotonic()
+    while True:
+        manifest = records.read_manifest(out_dir)
+        if manifest is not None and manifest.get("complete"):
+            return manifest
+        staging = staging_dir(out_dir)
+        state = sorted((e.name, e.stat().st_size) for e in os.scandir(staging)) if os.path.isdir(staging) else None
+        if state != last_state:
+            last_state, last_change = state, time.monotonic()
+        if not writer_alive():
+            raise CacheWriterLostError(
+                f"The process writing the feature cache {out_dir} stopped before it was complete; start the job "
+                "again (the cache resumes where it stopped)"
+            )
+        if time.monotonic() - last_change > stall_seconds:
+            raise CacheWriterLostError(
+                f"The feature cache {out_dir} got no new bytes in {stall_seconds:.0f} s ({staging} unchanged); "
+                "is its writer stuck, or the cache folder not on storage shared by all workers?"
+            )
+        time.sleep(poll_seconds)
 
 
 def check_cache(out_dir, backbone=None, kind=None):

@@ -248,11 +248,9 @@ def _record_dataset(scan, input_context, shuffle, seed, deterministic):
     if input_context and input_context.num_input_pipelines > 1:
         num_pipelines, pipeline_id = input_context.num_input_pipelines, input_context.input_pipeline_id
         if len(paths) < num_pipelines:
-            raise ValueError(
-                f"{len(paths)} shard file(s) cannot be split by file over "
-                f"{num_pipelines} input pipelines; write smaller shards "
-                "(make_shards --shard_mb)"
-            )
+            # Named by folder: these are input shards or a feature cache (xcos_tf.data.features).
+            folders = ", ".join(sorted({os.path.dirname(path) for path in paths}))
+            raise ValueError(f"{len(paths)} file(s) in {folders} cannot be split by file over {num_pipelines} input pipelines")
         paths, counts = paths[pipeline_id::num_pipelines], counts[pipeline_id::num_pipelines]
         logging.info("Input pipeline %d of %d reads %d of %d shard files: %s", pipeline_id, num_pipelines,
                      len(paths), len(scan.files), ", ".join(paths))

@@ -2,14 +2,19 @@
 of --cache_backbone_features, and the per-replica dataset function of each epoch."""
 import dataclasses
 import os
+import socket
+
+from absl import logging
 
 from xcos_tf.data import features, pipeline
 from xcos_tf.training.config import ConfigError
 
 
-def resolve_data(config):
-    """Checks the shards (corrupt records, labels, teacher embeddings) and fills in
-    `num_classes` from them; raises `ConfigError` naming the flag. Reads labels only."""
+def resolve_data(config, num_input_pipelines=1):
+    """Checks the shards (corrupt records, labels, teacher embeddings) and that the files to
+    train on (shards, or the feature caches of --cache_backbone_features) can be split by file
+    over `num_input_pipelines` (workers); fills in `num_classes` from the shards. Raises
+    `ConfigError` naming the flag. Reads labels only: nothing is computed or written yet."""
     if config.eval_pairs:
         num_pairs = sum(_scan("eval_pairs", config.eval_pairs, "pairs").counts)
         if min(num_pairs, config.eval_max_pairs or num_pairs) < 10:
@@ -18,8 +23,46 @@ def resolve_data(config):
         scan = _scan("train_shards", config.train_shards, "faces", num_classes=config.num_classes or None)
         if scan.teacher_dim == 0:
             raise ConfigError("train_shards", "hold no teacher embeddings: re-create them with make_shards --teacher=PATH")
+        if num_input_pipelines > 1:
+            _check_split(config, scan, num_input_pipelines)
         return dataclasses.replace(config, num_classes=scan.num_classes)
     return config
+
+
+def num_input_pipelines(strategy):
+    """How many input pipelines `distribute_datasets_from_function` makes: one per worker."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return 1
+    cluster = resolver.cluster_spec().as_dict()
+    return len(cluster.get("chief", [])) + len(cluster.get("worker", []))
+
+
+def _check_split(config, scan, num_pipelines):
+    """Each input pipeline reads its own files (sharding by file): there must be enough of them."""
+    if not config.cache_backbone_features:
+        if len(scan.files) < num_pipelines:
+            raise ConfigError(
+                "train_shards", f"hold {len(scan.files)} shard file(s), which cannot be split by file over "
+                f"{num_pipelines} workers; write more, smaller shards (make_shards --shard_mb)",
+            )
+        return
+    counts = dict(zip(scan.files, scan.counts))
+    planned, fresh = {}, {}  # files per cache: as it is (or will be), and if written anew
+    for cache, files in _cache_sources(config):
+        planned[cache] = features.planned_file_count(cache, [counts[f] for f in files])
+        fresh[cache] = len(features.shard_ends([counts[f] for f in files]))
+    if sum(planned.values()) >= num_pipelines:
+        return
+    problem = (f"cannot split its feature caches by file over {num_pipelines} workers: "
+               + ", ".join(f"{cache} holds {count} file(s)" for cache, count in planned.items()))
+    if sum(fresh.values()) >= num_pipelines:  # caches written whole by an earlier version
+        old = [cache for cache in planned if planned[cache] < fresh[cache]]
+        raise ConfigError("cache_backbone_features", f"{problem}; delete {', '.join(old)} so that it is written "
+                          "again in more files (cut at every input shard's end), or train with fewer workers")
+    raise ConfigError("cache_backbone_features", f"{problem} (one per input shard, at most "
+                      f"{features.RECORDS_PER_SHARD} faces each); write more, smaller input shards "
+                      "(make_shards --shard_mb) or train with fewer workers")
 
 
 def _scan(flag, patterns, kind, **kwargs):
@@ -29,18 +72,49 @@ def _scan(flag, patterns, kind, **kwargs):
         raise ConfigError(flag, f"cannot be used: {error}") from None
 
 
-def feature_caches(config, backbone):
-    """--cache_backbone_features: one feature cache per folder of training shards (one make_shards
-    run each), written on the first run and reused (or continued) afterwards. Returns their folders."""
+def _cache_sources(config):
+    """[(feature cache folder, its source shard files)]: one cache per folder of training shards
+    (one make_shards run each)."""
     root = config.feature_cache_dir or os.path.join(config.model_dir, "feature_cache")
     files = pipeline.list_shards(list(config.train_shards))
     folders = sorted({os.path.dirname(path) for path in files})
+    return [(os.path.join(root, f"{index:02d}_{os.path.basename(folder)}"),
+             [f for f in files if os.path.dirname(f) == folder]) for index, folder in enumerate(folders)]
+
+
+def feature_caches(config, backbone, writer_alive=None):
+    """--cache_backbone_features: the feature caches of the training shards, written on the
+    first run and reused (or continued) afterwards. Returns their folders.
+
+    With `writer_alive` (`() -> bool`, whether the chief still runs), this process is not the
+    chief: it waits for the chief to write them (on storage every worker sees), then checks
+    that they hold the maps of its own backbone.
+    """
     caches = []
-    for index, folder in enumerate(folders):
-        cache = os.path.join(root, f"{index:02d}_{os.path.basename(folder)}")
-        features.write_feature_shards(backbone, [f for f in files if os.path.dirname(f) == folder], cache)
+    for cache, files in _cache_sources(config):
+        if writer_alive is None:
+            features.write_feature_shards(backbone, files, cache)
+        else:
+            logging.info("Not the chief: this worker waits for the chief's feature cache %s.", cache)
+            features.wait_for_cache(cache, writer_alive)
+            features.check_cache(cache, backbone, kind="faces")
         caches.append(cache)
     return caches
+
+
+def chief_alive(strategy):
+    """`() -> bool`: whether the chief's server (its TF_CONFIG address) still accepts connections."""
+    cluster = strategy.cluster_resolver.cluster_spec().as_dict()
+    host, port = (cluster.get("chief") or cluster["worker"])[0].rsplit(":", 1)
+
+    def alive():
+        try:
+            with socket.create_connection((host, int(port)), timeout=10):
+                return True
+        except OSError:
+            return False
+
+    return alive
 
 
 def train_dataset_fn(config, global_batch_size, epoch, skip_steps, caches=None):

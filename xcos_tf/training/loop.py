@@ -17,7 +17,7 @@ from xcos_tf import export as xcos_export
 from xcos_tf.training.evaluator import Evaluator
 from xcos_tf.training.factory import build_model, configure_cpu_devices, is_chief, make_strategy
 from xcos_tf.training.in_graph_teacher import load_teacher, teacher_cosine
-from xcos_tf.training.inputs import feature_caches, resolve_data, train_dataset_fn
+from xcos_tf.training.inputs import chief_alive, feature_caches, num_input_pipelines, resolve_data, train_dataset_fn
 from xcos_tf.training.run_folder import BEST_MODEL, FINAL_MODEL, RunFolder
 
 
@@ -65,9 +65,16 @@ def train(config):
     # Before any TensorFlow op (reading the shards is one): MultiWorkerMirroredStrategy must
     # configure the collective ops at program startup.
     strategy = make_strategy(config.strategy)
-    config = resolve_data(config)
+    config = resolve_data(config, num_input_pipelines(strategy))
     chief = is_chief(strategy)
     run = RunFolder(config, chief)
+    try:
+        return _train(config, strategy, chief, run)
+    finally:
+        run.close()  # a non-chief's temporary folder goes on every way out, an error included
+
+
+def _train(config, strategy, chief, run):
     if run.finished():
         logging.info("The run in %s is finished (step %d); --overwrite starts it afresh.", config.model_dir, config.train_steps)
         if chief and config.export_dir:
@@ -98,7 +105,10 @@ def train(config):
         "Resuming" if restored else "Starting", int(step.numpy()), num_replicas, global_batch_size,
     )
 
-    caches = feature_caches(config, trainer.backbone) if config.cache_backbone_features else None
+    caches = None
+    if config.cache_backbone_features:
+        # Only the chief computes the caches; the others wait for them (shared storage).
+        caches = feature_caches(config, trainer.backbone, None if chief else chief_alive(strategy))
     train_step = make_train_step(strategy, trainer, teacher, on_feature_maps=bool(caches), jit_compile=config.jit_compile)
     evaluator = Evaluator(config) if config.eval_pairs and chief else None
     history = {"step": [], "loss": [], "ce_loss": [], "xcos_loss": []}

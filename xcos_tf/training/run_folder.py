@@ -1,7 +1,9 @@
 """The model folder of a run (`--model_dir`): params.json, checkpoints/, logs/, best.keras,
 final.keras; and `load_trainer`, which rebuilds a run's trainer from it (for the export)."""
 import dataclasses
+import glob
 import os
+import shutil
 import tempfile
 
 import tensorflow as tf
@@ -10,6 +12,7 @@ from absl import logging
 from xcos_tf.training.config import RESUMABLE_FIELDS, ConfigError, TrainConfig
 from xcos_tf.training.factory import build_model
 
+WORKER_DIR_PREFIX = "xcos_train_worker_"
 PARAMS_FILE = "params.json"
 BEST_MODEL = "best.keras"
 FINAL_MODEL = "final.keras"
@@ -19,7 +22,9 @@ class RunFolder:
     """The model folder of a run: params.json, checkpoints, logs, models.
 
     Only the chief writes into it; other workers write the same files to a local temporary
-    folder that is deleted (all workers must call save, MultiWorkerMirroredStrategy's pattern).
+    folder that is deleted (all workers must call save, MultiWorkerMirroredStrategy's pattern):
+    by `close` on every way out of training, and, after a kill -9, at the next start on the
+    machine (`sweep_worker_dirs`: its name holds the process id).
     """
 
     def __init__(self, config, chief):
@@ -46,7 +51,8 @@ class RunFolder:
             tf.io.gfile.rename(params_path + ".tmp", params_path, overwrite=True)
         else:
             # A local temporary folder: nothing of this worker lands in --model_dir, even after a kill -9.
-            self.write_dir = tempfile.mkdtemp(prefix="xcos_train_worker_")
+            sweep_worker_dirs()
+            self.write_dir = tempfile.mkdtemp(prefix=f"{WORKER_DIR_PREFIX}{os.getpid()}_")
             logging.info("Not the chief: this worker's saves go to %s (deleted at the end).", self.write_dir)
         self.summary_writer = (
             tf.summary.create_file_writer(os.path.join(self.model_dir, "logs")) if chief else tf.summary.create_noop_writer()
@@ -67,9 +73,32 @@ class RunFolder:
             tf.io.gfile.remove(path)
 
     def close(self):
+        """Flushes the logs and deletes a non-chief's temporary folder; safe to call twice."""
         self.summary_writer.close()
-        if not self.chief and tf.io.gfile.exists(self.write_dir):
-            tf.io.gfile.rmtree(self.write_dir)
+        if not self.chief:
+            shutil.rmtree(self.write_dir, ignore_errors=True)
+
+
+def sweep_worker_dirs(temp_dir=None):
+    """Deletes the temporary folders of non-chief workers whose process is gone (killed before
+    `RunFolder.close`). Returns the folders deleted."""
+    swept = []
+    for path in glob.glob(os.path.join(temp_dir or tempfile.gettempdir(), WORKER_DIR_PREFIX + "*_*")):
+        pid = os.path.basename(path)[len(WORKER_DIR_PREFIX):].split("_", 1)[0]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            swept.append(path)
+    return swept
+
+
+def _process_exists(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 class Checkpoints:
