@@ -17,7 +17,7 @@ from xcos_tf import export as xcos_export
 from xcos_tf.training.evaluator import Evaluator
 from xcos_tf.training.factory import build_model, configure_cpu_devices, is_chief, make_strategy
 from xcos_tf.training.in_graph_teacher import load_teacher, teacher_cosine
-from xcos_tf.training.inputs import feature_caches, resolve_data, train_dataset_fn
+from xcos_tf.training.inputs import centring_maps, feature_caches, resolve_data, train_dataset_fn
 from xcos_tf.training.run_folder import BEST_MODEL, FINAL_MODEL, RunFolder
 
 
@@ -94,6 +94,10 @@ def train(config):
     )
 
     caches = feature_caches(config, trainer.backbone) if config.cache_backbone_features else None
+    # A resumed run restores the centre from its checkpoint, --init_from copies it: only a fresh
+    # positionwise head is centred, before step 1.
+    if config.grid_head == "positionwise" and not restored and not config.init_from:
+        centre_grid_head(config, trainer, caches)
     train_step = make_train_step(strategy, trainer, teacher, on_feature_maps=bool(caches))
     evaluator = Evaluator(config) if config.eval_pairs and chief else None
     history = {"step": [], "loss": [], "ce_loss": [], "xcos_loss": []}
@@ -137,6 +141,25 @@ def train(config):
         export(config)
     _wait_for_all_workers(strategy)
     return history
+
+
+def centre_grid_head(config, trainer, caches=None):
+    """Sets the positionwise grid head's per-cell centre to its mean over up to --centre_faces
+    training faces and their mirror images (cached maps with `caches`, else the backbone's)."""
+    counted = [0]
+
+    def counting(batches):
+        for maps in batches:
+            counted[0] += int(maps.shape[0])
+            yield maps
+
+    start = time.time()
+    trainer.grid_head.adapt(counting(centring_maps(config, trainer.backbone, caches)))
+    logging.info(
+        "Centred the grid head on %d training faces and their mirror images (%s, %.0f s).",
+        counted[0] // 2, "cached maps" if caches else "backbone maps", time.time() - start,
+    )
+    return counted[0] // 2
 
 
 def export(config):
