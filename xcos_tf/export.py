@@ -96,7 +96,8 @@ def _xcos_layer(verifier):
 
 def _quantisable_layer_names(verifier):
     """The backbone and grid head: the layers that int8 TFLite quantises."""
-    return [layer.name for layer in verifier.embed.layers if isinstance(layer, (keras.Model, layers.GridHead))]
+    grid_heads = (layers.GridHead, layers.PositionwiseGridHead)
+    return [layer.name for layer in verifier.embed.layers if isinstance(layer, (keras.Model, *grid_heads))]
 
 
 def _specs(verifier):
