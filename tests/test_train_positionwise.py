@@ -2,6 +2,8 @@
 centred before step 1 (cached maps or backbone maps), trained, resumed, saved and exported."""
 import dataclasses
 import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -10,9 +12,11 @@ from onnx import helper
 import pytest
 import tensorflow as tf
 
+import export_testing
 import tiny_onnx_tails
+from conftest import REPO_ROOT
 from training_testing import train_on_batch
-from xcos_tf import backbones, layers
+from xcos_tf import backbones, layers, runtime
 from xcos_tf import model as xcos_model
 from xcos_tf.data import features, records
 from xcos_tf.training import config as train_config, factory, loop, run_folder
@@ -189,3 +193,24 @@ def test_conv_head_trainers_still_load_without_the_new_config_keys(tmp_path):
     for key in ("grid_head", "context_init", "learn_context", "attention_prior"):
         del config[key]
     assert isinstance(xcos_model.XCosTrainer.from_config(config).grid_head, layers.GridHead)
+
+
+def test_export_cli_writes_every_float_format_of_a_trained_positionwise_run(tmp_path, onnx_path, shards):
+    config = _config(tmp_path, onnx_path, shards, context_init=0.1, train_steps=2)
+    loop.train(config)
+    best = os.path.join(config.model_dir, run_folder.BEST_MODEL)
+    out = tmp_path / "deploy"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO_ROOT))
+    result = subprocess.run(
+        [sys.executable, "-m", "xcos_tf.export", f"--weights={best}", f"--out={out}", "--formats=saved_model,tflite,onnx"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    verifier = xcos_model.build_verifier(best)
+    pixels = np.random.default_rng(2).uniform(0, 255, (4, *IMAGE_SHAPE)).astype("float32")
+    expected = export_testing.keras_outputs(verifier.verify, {"image_a": pixels[:2], "image_b": pixels[2:]})
+    for model_format in ("saved_model", "tflite", "onnx"):
+        outputs = runtime.load(str(out), format=model_format).verify(pixels[:2], pixels[2:])
+        export_testing.assert_within(
+            {key: np.asarray(outputs[key]) for key in expected}, expected, export_testing.BOUNDS[model_format], model_format
+        )
