@@ -86,8 +86,8 @@ def build_model(config, num_replicas=1):
     if config.init_from:
         _copy_trained_weights(config.init_from, trainer)
     elif tail is not None:
-        # The bias and the centre (set before step 1, see loop.train) are both per cell: only
-        # their difference reaches the output, so the tail's bias is kept for the record.
+        # The tail's bias is spread over the cells; the centre set before step 1 (loop.train)
+        # subtracts each cell's mean, this share included, so only the faces' variation remains.
         trainer.grid_head.set_kernel(tail.cell_weights, tail.bias)
         logging.info("Grid head initialised from the linear tail of %s after %s.", config.init_backbone, tail.feature_map)
     lr_factor = num_replicas if config.lr_scaling == "linear" else 1
