@@ -2,6 +2,7 @@
 centred before step 1 (cached maps or backbone maps), trained, resumed, saved and exported."""
 import dataclasses
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -14,7 +15,6 @@ import tensorflow as tf
 
 import export_testing
 import tiny_onnx_tails
-from conftest import REPO_ROOT
 from training_testing import train_on_batch
 from xcos_tf import backbones, layers, runtime
 from xcos_tf import model as xcos_model
@@ -25,6 +25,7 @@ from xcos_tf.training import config as train_config, factory, loop, run_folder
 # tiny_onnx_tails' 28x28 -> 4x4x16 body and GDConv tail to a 10-d embedding.
 IMAGE_SHAPE = (112, 112, 3)
 CELLS = 16
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]  # where `python -m xcos_tf.export` runs
 
 
 def tiny_face_model_112():
@@ -183,11 +184,10 @@ def test_grid_channels_other_than_the_tail_width_is_refused(tmp_path, onnx_path,
         factory.build_model(config)
 
 
-def test_conv_head_trainers_still_load_without_the_new_config_keys(tmp_path):
+def test_conv_head_trainers_still_load_without_the_new_config_keys(onnx_path):
     """A .keras trainer saved before the positionwise head (no grid_head key) loads as a conv head."""
-    from conftest import tiny_backbone
-
-    trainer = xcos_model.build_trainer(tiny_backbone(IMAGE_SHAPE), num_classes=3, image_shape=IMAGE_SHAPE)
+    body = backbones.from_onnx(str(onnx_path), input_shape=IMAGE_SHAPE)
+    trainer = xcos_model.build_trainer(body, num_classes=3, image_shape=IMAGE_SHAPE)
     config = trainer.get_config()
     assert config["grid_head"] == "conv"
     for key in ("grid_head", "context_init", "learn_context", "attention_prior"):
