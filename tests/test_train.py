@@ -285,13 +285,16 @@ def test_shipped_flagfiles_parse_and_hold_a_consistent_config(name):
     config = train_config.TrainConfig.from_flags(flag_values)
     assert config.train_shards and config.model_dir and config.train_steps > 0
     # validate() without the data: globs and the pretrained file are checked elsewhere.
+    # (An onnx: --init_backbone keeps its kind, pointing at an existing file: --grid_init=teacher_tail needs one.)
+    init_backbone = "onnx:" + path if config.init_backbone.startswith("onnx:") else ""
     checked = dataclasses.replace(config, train_shards=(), data="synthetic", num_classes=max(config.num_classes, 2),
-                                  eval_pairs=(), init_backbone="", init_from="", cache_backbone_features=False)
+                                  eval_pairs=(), init_backbone=init_backbone, init_from="", cache_backbone_features=False)
     checked.validate()
     if name == "local_mobilefacenet.flags":  # the shipped default model's recipe
         assert config.init_backbone.startswith("onnx:") and config.freeze_backbone and config.cache_backbone_features
-        assert config.ce_weight == 0 and config.grid_channels == 32 and config.attention == "learned"
+        assert config.ce_weight == 0 and config.attention == "learned" and config.attention_prior
+        assert (config.grid_head, config.grid_init, config.grid_channels) == ("positionwise", "teacher_tail", 0)
     if name == "local_mobilefacenet_finetune.flags":  # its second stage: the same model, backbone trainable
         assert config.init_from.endswith("best.keras") and not config.freeze_backbone
         assert not config.cache_backbone_features and 0 < config.backbone_lr_multiplier < 1
-        assert config.init_backbone.startswith("onnx:") and config.ce_weight == 0 and config.grid_channels == 32
+        assert config.init_backbone.startswith("onnx:") and config.ce_weight == 0 and config.grid_head == "positionwise"

@@ -10,6 +10,7 @@ from xcos_tf import layers
 from xcos_tf.data.records import UNLABELLED
 
 MARGIN_HEADS = {"cosface": layers.CosFace, "arcface": layers.ArcFace}
+GRID_HEADS = ("conv", "positionwise")
 
 Verifier = collections.namedtuple("Verifier", ["verify", "embed", "compare"])
 Verifier.__doc__ = """The three inference models that share one set of weights.
@@ -22,7 +23,7 @@ compare: {"grid_a", "grid_b"} -> {"score", "cos_map", "attention_map"}
 
 @keras.saving.register_keras_serializable(package="xcos_tf")
 class XCosTrainer(keras.Model):
-    """Backbone -> GridHead -> (margin head on each face, XCosLayer on the pair).
+    """Backbone -> grid head -> (margin head on each face, XCosLayer on the pair).
 
     The loss is `ce_weight * CE(both faces) + xcos_weight * MSE(score, teacher_cos)`:
     the margin softmax keeps the grid an identity embedding and the MSE teaches the
@@ -33,11 +34,17 @@ class XCosTrainer(keras.Model):
         backbone: `keras.Model`, aligned face (RGB 0..255) -> (H, W, C) feature map.
         num_classes: int, identities seen by the margin head.
         grid_channels: int, channels per grid cell. Defaults to 32.
+        grid_head: str, `"conv"` (`GridHead`, the paper's shared 1x1 conv) or `"positionwise"`
+            (`PositionwiseGridHead`: one linear map per cell, centred). Defaults to `"conv"`.
+        context_init: float, the positionwise head's initial context weight. Defaults to 0.
+        learn_context: bool, whether the positionwise head trains its context weights.
         margin: str, `"cosface"` or `"arcface"`. Defaults to `"cosface"`.
         margin_scale: optional float, the head's scale (its default when None).
         margin_value: optional float, the head's margin (its default when None).
         attention: str, the XCosLayer attention mode. Defaults to `"learned"`.
         symmetric: bool, symmetric attention. Defaults to True.
+        attention_prior: bool, learned attention added to the log norm product of the cells
+            (`XCosLayer(attention_prior=True)`). Defaults to False.
         ce_weight: float, weight of the margin-softmax loss. Defaults to 1.
         xcos_weight: float, weight of the MSE to the teacher cosine. Defaults to 1.
         **kwargs: other keyword arguments passed to `keras.Model`.
@@ -71,9 +78,20 @@ class XCosTrainer(keras.Model):
         symmetric=True,
         ce_weight=1.0,
         xcos_weight=1.0,
+        grid_head="conv",
+        context_init=0.0,
+        learn_context=False,
+        attention_prior=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if grid_head not in GRID_HEADS:
+            raise ValueError(f"`grid_head` must be one of {GRID_HEADS}. Received: grid_head={grid_head!r}")
+        if grid_head == "conv" and (context_init != 0.0 or learn_context):
+            raise ValueError(
+                "`context_init` and `learn_context` belong to grid_head='positionwise'. "
+                f"Received: grid_head={grid_head!r}, context_init={context_init!r}, learn_context={learn_context!r}"
+            )
         if margin not in MARGIN_HEADS:
             raise ValueError(f"`margin` must be one of {tuple(MARGIN_HEADS)}. Received: margin={margin!r}")
         if ce_weight < 0 or xcos_weight < 0 or ce_weight + xcos_weight == 0:
@@ -82,9 +100,15 @@ class XCosTrainer(keras.Model):
             )
         # === Layers ===
         self.backbone = backbone
-        self.grid_head = layers.GridHead(grid_channels, name="grid_head")
+        if grid_head == "positionwise":
+            self.grid_head = layers.PositionwiseGridHead(
+                grid_channels, context_init=context_init, learn_context=learn_context, name="grid_head"
+            )
+        else:
+            self.grid_head = layers.GridHead(grid_channels, name="grid_head")
         self.xcos = layers.XCosLayer(
-            attention=attention, fixed_weights=fixed_weights, symmetric=symmetric, name="xcos"
+            attention=attention, fixed_weights=fixed_weights, symmetric=symmetric, attention_prior=attention_prior,
+            name="xcos",
         )
         head_args = {}
         if margin_scale is not None:
@@ -109,6 +133,10 @@ class XCosTrainer(keras.Model):
         self.symmetric = symmetric
         self.ce_weight = float(ce_weight)
         self.xcos_weight = float(xcos_weight)
+        self.grid_head_kind = grid_head
+        self.context_init = float(context_init)
+        self.learn_context = bool(learn_context)
+        self.attention_prior = bool(attention_prior)
 
     def call(self, inputs, training=False):
         # One backbone pass over both faces of every pair.
@@ -221,6 +249,10 @@ class XCosTrainer(keras.Model):
                 "symmetric": self.symmetric,
                 "ce_weight": self.ce_weight,
                 "xcos_weight": self.xcos_weight,
+                "grid_head": self.grid_head_kind,
+                "context_init": self.context_init,
+                "learn_context": self.learn_context,
+                "attention_prior": self.attention_prior,
             }
         )
         return config

@@ -12,8 +12,8 @@ from xcos_tf.export.manifest import SIGNATURES
 
 
 def quantisable_layer_names(verifier):
-    """The backbone and grid head: the layers that int8 TFLite quantises."""
-    return [layer.name for layer in verifier.embed.layers if isinstance(layer, (keras.Model, layers.GridHead))]
+    """The backbone and grid head (either kind): the layers that int8 TFLite quantises."""
+    return [layer.name for layer in verifier.embed.layers if isinstance(layer, (keras.Model, layers.GridHead, layers.PositionwiseGridHead))]
 
 
 def representative_dataset(verifier, faces):

@@ -6,6 +6,7 @@ name, default, help and bounds, so they cannot drift apart. Nothing is defined a
 import dataclasses
 import glob
 import json
+import math
 import os
 
 from absl import flags
@@ -24,8 +25,10 @@ MARGIN_DEFAULTS = {"cosface": {"scale": 30.0, "value": 0.35}, "arcface": {"scale
 # Fields that may change between a run and its resumption.
 RESUMABLE_FIELDS = (
     "train_steps", "eval_every", "eval_max_pairs", "checkpoint_every", "keep_checkpoints",
-    "log_every", "overwrite", "export_dir", "export_formats", "cpu_devices",
+    "log_every", "overwrite", "export_dir", "export_formats", "cpu_devices", "centre_faces",
 )
+GRID_HEADS = ("conv", "positionwise")
+GRID_INITS = ("random", "teacher_tail")
 
 
 def _field(default, help, choices=None, lower_bound=None, upper_bound=None):
@@ -89,7 +92,26 @@ class TrainConfig:
     backbone_lr_multiplier: float = _field(
         1.0, "Learning rate of the backbone relative to --learning_rate.", lower_bound=0.0
     )
-    grid_channels: int = _field(32, "Channels per grid cell.", lower_bound=1)
+    grid_head: str = _field(
+        "conv",
+        "Grid head: conv (a shared 1x1 conv + BN + PReLU, the paper's) or positionwise (one linear map per "
+        "cell, centred per cell by its mean over training faces; xcos_tf.layers.PositionwiseGridHead).",
+        choices=GRID_HEADS,
+    )
+    grid_init: str = _field(
+        "random",
+        "Start of the positionwise head: random, or teacher_tail (the linear tail after the cut of "
+        "--init_backbone=onnx:PATH, so the cells are that model's partial embeddings).",
+        choices=GRID_INITS,
+    )
+    grid_channels: int = _field(
+        32, "Channels per grid cell; 0 with --grid_init=teacher_tail: the tail's embedding size.", lower_bound=0
+    )
+    centre_faces: int = _field(
+        20000, "Fresh positionwise run: centre each cell on at most this many training faces (and mirrors).", lower_bound=1
+    )
+    context_init: float = _field(0.0, "Positionwise head: initial weight of the whole-face context term of each cell.")
+    learn_context: bool = _field(False, "Positionwise head: train the context weights.")
     margin: str = _field("cosface", "Margin softmax head.", choices=tuple(sorted(xcos_model.MARGIN_HEADS)))
     margin_scale: float = _field(
         None, "Scale s of the margin head (default: cosface 30, arcface 64).", lower_bound=0.0
@@ -99,6 +121,9 @@ class TrainConfig:
     )
     attention: str = _field("learned", "XCosLayer attention.", choices=tuple(layers.ATTENTION_MODES[:2]))
     symmetric: bool = _field(True, "Symmetric attention: score(a, b) == score(b, a).")
+    attention_prior: bool = _field(
+        False, "Learned attention logits added to log(|a_i| |b_i|), the cells' norm product (XCosLayer attention_prior)."
+    )
     ce_weight: float = _field(1.0, "Weight of the margin-softmax loss.", lower_bound=0.0)
     xcos_weight: float = _field(1.0, "Weight of MSE(score, teacher_cos).", lower_bound=0.0)
     teacher: str = _field(
@@ -210,6 +235,7 @@ class TrainConfig:
                 raise ConfigError("init_backbone", f"no such file: {path!r}")
         if self.init_from and not (self.init_from.endswith(".keras") and os.path.isfile(self.init_from)):
             raise ConfigError("init_from", f"expected an existing XCosTrainer .keras file. Received: {self.init_from!r}")
+        self._validate_grid_head()
         if self.freeze_backbone and self.backbone_lr_multiplier != 1.0:
             raise ConfigError("backbone_lr_multiplier", "has no effect with --freeze_backbone; leave it at 1")
         if self.teacher:
@@ -234,6 +260,21 @@ class TrainConfig:
         unknown_formats = set(self.export_formats) - set(EXPORT_FORMATS)
         if unknown_formats:
             raise ConfigError("export_formats", f"unknown {sorted(unknown_formats)}; valid: {', '.join(EXPORT_FORMATS)}")
+
+    def _validate_grid_head(self):
+        if self.grid_init == "teacher_tail":
+            if self.grid_head != "positionwise":
+                raise ConfigError("grid_init", f"teacher_tail needs --grid_head=positionwise. Received: --grid_head={self.grid_head}")
+            if not self.init_backbone.startswith("onnx:"):
+                raise ConfigError("grid_init", "teacher_tail reads the tail of an ONNX model: it needs --init_backbone=onnx:PATH")
+        elif self.grid_channels == 0:
+            raise ConfigError("grid_channels", "0 (the tail's width) needs --grid_init=teacher_tail")
+        if not math.isfinite(self.context_init):
+            raise ConfigError("context_init", f"must be finite. Received: {self.context_init}")
+        if self.grid_head != "positionwise" and (self.context_init != 0.0 or self.learn_context):
+            raise ConfigError("context_init", "and --learn_context need --grid_head=positionwise")
+        if self.attention_prior and self.attention != "learned":
+            raise ConfigError("attention_prior", f"needs --attention=learned. Received: --attention={self.attention}")
 
 
 class ConfigError(ValueError):

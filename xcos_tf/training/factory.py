@@ -65,11 +65,16 @@ def build_model(config, num_replicas=1):
     """The compiled `XCosTrainer` of the config, weights created (call in `strategy.scope()`)."""
     backbone = build_backbone(config)
     backbone.trainable = not config.freeze_backbone
+    tail = read_teacher_tail(config, backbone) if config.grid_init == "teacher_tail" else None
     trainer = xcos_model.build_trainer(
         backbone,
         config.num_classes,
         image_shape=(config.image_size, config.image_size, 3),
-        grid_channels=config.grid_channels,
+        grid_channels=tail.cell_weights.shape[-1] if tail is not None else config.grid_channels,
+        grid_head=config.grid_head,
+        context_init=config.context_init,
+        learn_context=config.learn_context,
+        attention_prior=config.attention_prior,
         margin=config.margin,
         margin_scale=config.margin_scale,
         margin_value=config.margin_value,
@@ -80,6 +85,11 @@ def build_model(config, num_replicas=1):
     )
     if config.init_from:
         _copy_trained_weights(config.init_from, trainer)
+    elif tail is not None:
+        # The tail's bias is spread over the cells; the centre set before step 1 (loop.train)
+        # subtracts each cell's mean, this share included, so only the faces' variation remains.
+        trainer.grid_head.set_kernel(tail.cell_weights, tail.bias)
+        logging.info("Grid head initialised from the linear tail of %s after %s.", config.init_backbone, tail.feature_map)
     lr_factor = num_replicas if config.lr_scaling == "linear" else 1
     optimizer = make_optimizer(config, config.optimizer, config.learning_rate * lr_factor)
     attention_optimizer = None
@@ -94,6 +104,25 @@ def build_model(config, num_replicas=1):
     for group_optimizer, variables in trainer.optimizer_groups():
         group_optimizer.build(variables)  # the slots must exist before a checkpoint restores them
     return trainer
+
+
+def read_teacher_tail(config, backbone):
+    """--grid_init=teacher_tail: the linear tail of the --init_backbone ONNX model after the same
+    cut as its body, checked against the body's map and --grid_channels."""
+    _, path = init_backbone_kind(config.init_backbone)
+    try:
+        tail = backbones.read_linear_tail(
+            path, feature_map=config.onnx_feature_map or None, input_shape=(config.image_size, config.image_size, 3)
+        )
+    except ValueError as error:
+        raise ConfigError("grid_init", f"teacher_tail cannot read the tail of {path!r}: {error}") from None
+    cells, in_channels, width = tail.cell_weights.shape
+    map_shape = tuple(backbone.output_shape[1:])
+    if map_shape != (*tail.grid_shape, in_channels):
+        raise ConfigError("grid_init", f"teacher_tail: the tail starts at a {tail.grid_shape + (in_channels,)} map, the body ends at {map_shape}")
+    if config.grid_channels not in (0, width):
+        raise ConfigError("grid_channels", f"must be 0 or the tail's width {width} with --grid_init=teacher_tail. Received: {config.grid_channels}")
+    return tail
 
 
 def _copy_trained_weights(path, trainer):

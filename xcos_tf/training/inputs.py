@@ -6,7 +6,9 @@ import socket
 
 from absl import logging
 
-from xcos_tf.data import features, pipeline
+import tensorflow as tf
+
+from xcos_tf.data import features, pipeline, records
 from xcos_tf.training.config import ConfigError
 
 
@@ -147,3 +149,37 @@ def train_dataset_fn(config, global_batch_size, epoch, skip_steps, caches=None):
         return dataset.skip(skip_steps * replicas_per_pipeline)
 
     return dataset_fn
+
+
+def centring_maps(config, backbone, caches=None, batch_size=256):
+    """Batches of backbone maps `[n, H, W, C]` of up to `config.centre_faces` training faces,
+    each face followed by its mirror image (training draws both): the cached maps with
+    `caches`, else the `backbone` run on the decoded faces. Faces are taken round-robin over
+    the shard files, in a fixed order, so that every shard (every data source) is represented."""
+    if caches:
+        manifests = [features.check_cache(cache, kind="faces") for cache in caches]
+        shape = tuple(manifests[0]["feature_shape"])
+        files = [os.path.join(c, s["file"]) for c, m in zip(caches, manifests) for s in m["shards"]]
+        keys = features.FEATURE_FACE_KEYS
+        spec = {keys["map"]: tf.io.FixedLenFeature([], tf.string), keys["map_flip"]: tf.io.FixedLenFeature([], tf.string)}
+
+        def maps_of(serialized):
+            parsed = tf.io.parse_single_example(serialized, spec)
+            return tf.stack([features._parse_map(parsed[keys[key]], shape) for key in ("map", "map_flip")])
+    else:
+        files = pipeline.list_shards(list(config.train_shards))
+        image_shape = (config.image_size, config.image_size, 3)
+
+        def maps_of(serialized):
+            image = pipeline.decode_image(records.decode_face(serialized)["image_encoded"], image_shape)
+            return tf.stack([image, tf.image.flip_left_right(image)])
+
+    faces = tf.data.Dataset.from_tensor_slices(files).interleave(
+        tf.data.TFRecordDataset, cycle_length=len(files), block_length=1
+    )
+    dataset = faces.take(config.centre_faces).map(maps_of, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = dataset.unbatch().batch(batch_size).prefetch(1)
+    if caches:
+        return dataset
+    # Eagerly, batch by batch: the backbone's variables may live in a distribution strategy.
+    return (backbone(images, training=False) for images in dataset)

@@ -17,7 +17,9 @@ from xcos_tf import export as xcos_export
 from xcos_tf.training.evaluator import Evaluator
 from xcos_tf.training.factory import build_model, configure_cpu_devices, is_chief, make_strategy
 from xcos_tf.training.in_graph_teacher import load_teacher, teacher_cosine
-from xcos_tf.training.inputs import chief_alive, feature_caches, num_input_pipelines, resolve_data, train_dataset_fn
+from xcos_tf.training.inputs import (
+    centring_maps, chief_alive, feature_caches, num_input_pipelines, resolve_data, train_dataset_fn,
+)
 from xcos_tf.training.run_folder import BEST_MODEL, FINAL_MODEL, RunFolder
 
 
@@ -109,6 +111,10 @@ def _train(config, strategy, chief, run):
     if config.cache_backbone_features:
         # Only the chief computes the caches; the others wait for them (shared storage).
         caches = feature_caches(config, trainer.backbone, None if chief else chief_alive(strategy))
+    # A resumed run restores the centre from its checkpoint, --init_from copies it: only a fresh
+    # positionwise head is centred, before step 1 (each worker computes the same mean).
+    if config.grid_head == "positionwise" and not restored and not config.init_from:
+        centre_grid_head(config, trainer, caches)
     train_step = make_train_step(strategy, trainer, teacher, on_feature_maps=bool(caches), jit_compile=config.jit_compile)
     evaluator = Evaluator(config) if config.eval_pairs and chief else None
     history = {"step": [], "loss": [], "ce_loss": [], "xcos_loss": []}
@@ -152,6 +158,25 @@ def _train(config, strategy, chief, run):
         export(config)
     _wait_for_all_workers(strategy)
     return history
+
+
+def centre_grid_head(config, trainer, caches=None):
+    """Sets the positionwise grid head's per-cell centre to its mean over up to --centre_faces
+    training faces and their mirror images (cached maps with `caches`, else the backbone's)."""
+    counted = [0]
+
+    def counting(batches):
+        for maps in batches:
+            counted[0] += int(maps.shape[0])
+            yield maps
+
+    start = time.time()
+    trainer.grid_head.adapt(counting(centring_maps(config, trainer.backbone, caches)))
+    logging.info(
+        "Centred the grid head on %d training faces and their mirror images (%s, %.0f s).",
+        counted[0] // 2, "cached maps" if caches else "backbone maps", time.time() - start,
+    )
+    return counted[0] // 2
 
 
 def export(config):
