@@ -136,6 +136,23 @@ def test_cached_run_centres_before_step_1_trains_resumes_and_round_trips(tmp_pat
         np.testing.assert_allclose(np.asarray(again(inputs)[key]), np.asarray(value), atol=1e-6, err_msg=key)
 
 
+def test_frozen_grid_head_stays_the_teacher_tail_while_the_attention_trains(tmp_path, onnx_path, shards):
+    config = _config(tmp_path, onnx_path, shards, context_init=0.2, freeze_grid_head=True)
+    history = loop.train(config)
+    assert np.all(np.isfinite(history["loss"]))
+    trained = _load(os.path.join(config.model_dir, run_folder.FINAL_MODEL))
+    tail = backbones.read_linear_tail(str(onnx_path), input_shape=IMAGE_SHAPE)
+    np.testing.assert_array_equal(np.asarray(trained.grid_head.kernel), tail.cell_weights)
+    logit_kernel = [w for w in trained.xcos.weights if "logit_conv" in w.path][0]
+    assert np.abs(np.asarray(logit_kernel)).max() > 0  # zero-initialised under the prior, then trained
+
+
+def test_freezing_a_random_grid_head_is_refused(tmp_path, onnx_path, shards):
+    config = _config(tmp_path, onnx_path, shards, grid_init="random", grid_channels=8, freeze_grid_head=True)
+    with pytest.raises(train_config.ConfigError, match="freeze_grid_head"):
+        config.validate()
+
+
 def test_init_from_copies_the_centre_and_does_not_recentre(tmp_path, onnx_path, shards):
     config = _config(tmp_path, onnx_path, shards, train_steps=2)
     loop.train(config)

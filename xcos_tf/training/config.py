@@ -112,6 +112,11 @@ class TrainConfig:
     )
     context_init: float = _field(0.0, "Positionwise head: initial weight of the whole-face context term of each cell.")
     learn_context: bool = _field(False, "Positionwise head: train the context weights.")
+    freeze_grid_head: bool = _field(
+        False,
+        "Keep the grid head as initialised (with --grid_init=teacher_tail: the teacher's own tail, so every "
+        "cell is exactly the teacher's partial embedding); train only the attention (and margin head).",
+    )
     margin: str = _field("cosface", "Margin softmax head.", choices=tuple(sorted(xcos_model.MARGIN_HEADS)))
     margin_scale: float = _field(
         None, "Scale s of the margin head (default: cosface 30, arcface 64).", lower_bound=0.0
@@ -275,6 +280,8 @@ class TrainConfig:
             raise ConfigError("context_init", "and --learn_context need --grid_head=positionwise")
         if self.attention_prior and self.attention != "learned":
             raise ConfigError("attention_prior", f"needs --attention=learned. Received: --attention={self.attention}")
+        if self.freeze_grid_head and self.grid_init == "random" and not self.init_from:
+            raise ConfigError("freeze_grid_head", "would keep a randomly initialised head: use it with --grid_init=teacher_tail or --init_from")
 
 
 class ConfigError(ValueError):

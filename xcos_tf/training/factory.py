@@ -90,6 +90,8 @@ def build_model(config, num_replicas=1):
         # subtracts each cell's mean, this share included, so only the faces' variation remains.
         trainer.grid_head.set_kernel(tail.cell_weights, tail.bias)
         logging.info("Grid head initialised from the linear tail of %s after %s.", config.init_backbone, tail.feature_map)
+    # Before compile: the optimizer groups are built from the trainable variables.
+    trainer.grid_head.trainable = not config.freeze_grid_head
     lr_factor = num_replicas if config.lr_scaling == "linear" else 1
     optimizer = make_optimizer(config, config.optimizer, config.learning_rate * lr_factor)
     attention_optimizer = None
