@@ -176,4 +176,4 @@ def test_real_backbone_trains_one_step():
     assert np.isfinite(loss)
     out = model.build_verifier(trainer).verify({"image_a": batch["image_a"], "image_b": batch["image_b"]})
     assert tuple(out["cos_map"].shape) == (2, 7, 7)
-    assert tf.reduce_all(tf.abs(out["score"]) <= 1.0 + 1e-6)  # a weighted mean of cosines, up to float32 rounding
+    assert tf.reduce_all(tf.abs(out["score"]) <= 1.0)  # a weighted mean of cosines, clipped against float32 rounding

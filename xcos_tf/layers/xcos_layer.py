@@ -152,7 +152,8 @@ class XCosLayer(keras.layers.Layer):
         norm_b = ops.maximum(ops.sqrt(ops.sum(ops.square(b32), axis=-1)), _EPSILON)
         cos_map = ops.clip(ops.sum(a32 * b32, axis=-1) / (norm_a * norm_b), -1.0, 1.0)
         attention_map = self._attention_map(grid_a, grid_b, norm_a * norm_b, training)
-        score = ops.sum(cos_map * attention_map, axis=(1, 2))
+        # A weighted mean of cosines in [-1, 1]; float32 rounding of the sum may step past 1 by an ulp.
+        score = ops.clip(ops.sum(cos_map * attention_map, axis=(1, 2)), -1.0, 1.0)
         return {"score": score, "cos_map": cos_map, "attention_map": attention_map}
 
     def compute_output_shape(self, grid_a_shape, grid_b_shape=None):
