@@ -13,9 +13,9 @@ import multiprocessing
 import os
 
 import numpy as np
-import tqdm
 from absl import logging
 
+from xcos_tf import progress as progress_lib
 from xcos_tf.data import align, pairs as pairs_lib, prepare, records
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -92,8 +92,7 @@ def _prepare_all(settings, items, num_workers):
 
 
 def _progress(iterable, total, initial, description, show):
-    return tqdm.tqdm(iterable, total=total, initial=initial, desc=description, unit="img",
-                     disable=not show, dynamic_ncols=True)
+    return progress_lib.bar(iterable, total=total, initial=initial, description=description, unit="img", show=show)
 
 
 # === Shard sets that survive interruption ===
