@@ -34,6 +34,7 @@ from xcos_tf.occlusion import GREY, OCCLUDERS, SQUARE_SIZE, cell_coverage, occlu
 from xcos_tf.scoring import BATCH_SIZE, compare_grids, embed_faces, row_cosine
 from xcos_tf.data import align
 from xcos_tf.data import pairs as pairs_lib
+from xcos_tf.data.pairs import spread_subset
 from xcos_tf.explain import DEFAULT_DETECTOR, METHODS, exit_with_error, method_available
 
 FARS = (1e-2, 1e-3)
@@ -69,14 +70,6 @@ class PairSet:
 
     def __len__(self):
         return len(self.is_same)
-
-
-def spread_subset(count, max_count):
-    """Indices of at most `max_count` of `count` items, evenly spread (every fold, both
-    kinds of pair), or all of them when `max_count` is None."""
-    if max_count is None or max_count >= count:
-        return np.arange(count)
-    return np.unique(np.linspace(0, count - 1, max_count).round().astype(int))
 
 
 def load_lfw(lfw_dir, aligner, max_pairs=None):
