@@ -40,18 +40,18 @@ class LineProgress:
         self.description, self.unit, self.interval, self.show = description, unit, interval, show
         self.file = file
         self._start = self._last = time.monotonic()
-        self._printed_count, self._closed = None, False
+        self._printed_count, self._closed, self._values = None, False, []
 
     def update(self, n=1):
         self.update_to(self.count + n)
 
     def update_to(self, count, values=()):
         """Sets the absolute count (and the values shown after it, [(name, number)])."""
-        self.count = count
+        self.count, self._values = count, list(values)
         if time.monotonic() - self._last >= self.interval:
-            self._write(values)
+            self._write()
 
-    def _write(self, values=()):
+    def _write(self):
         if not self.show:
             return
         now = time.monotonic()
@@ -60,7 +60,7 @@ class LineProgress:
         if self.total:
             line += f"/{self.total} ({100 * self.count / self.total:.0f}%)"
         line += f" {rate:.3g} {self.unit}/s"
-        line += "".join(f" {name} {value:.4g}" for name, value in values)
+        line += "".join(f" {name} {value:.4g}" for name, value in self._values)
         print(line.strip(), file=self.file or sys.stderr, flush=True)
         self._last, self._printed_count = now, self.count
 
