@@ -273,15 +273,15 @@ def format_table(results):
     for kind, row in results["occlusion"].items():
         lines.append(f"  lowest-cos cell under the {kind:<10}: {100 * row['localisation']:6.2f} % of same-person pairs"
                      f" (chance {100 * row['localisation_chance']:.2f} %)")
+    if "correlation" in results:
+        correlation = results["correlation"]
+        lines.append(f"  Pearson r with the teacher cosine: xCos score {correlation['pearson_xcos_teacher']:.4f}, "
+                     f"plain cosine {correlation['pearson_cosine_teacher']:.4f}")
     if "faithfulness" in results or results.get("faithfulness_skipped"):
         lines.append("")
         lines.append("faithfulness of the maps (same-person pairs; occluders on face B)")
         lines.extend(faithfulness.format_faithfulness(results.get("faithfulness", {}),
                                                       results.get("faithfulness_skipped")))
-    if "correlation" in results:
-        correlation = results["correlation"]
-        lines.append(f"  Pearson r with the teacher cosine: xCos score {correlation['pearson_xcos_teacher']:.4f}, "
-                     f"plain cosine {correlation['pearson_cosine_teacher']:.4f}")
     return "\n".join(lines)
 
 

@@ -190,26 +190,29 @@ def faithfulness_table(model, methods, faces_a, faces_b, occluded, curve_pairs, 
     return table
 
 
+LABEL_WIDTH, COLUMN_WIDTH = 46, 22
+
+
 def format_faithfulness(table, skipped=None):
     """The printed lines of the faithfulness table: one column per method."""
     methods = list(table)
-    lines = [f"{'':40}" + "".join(f"{name:>22}" for name in methods),
-             f"{'  score the curves measure':40}" + "".join(f"{table[m]['explains']:>22}" for m in methods)]
+
+    def row(label, cells):
+        return f"  {label}".ljust(LABEL_WIDTH) + "".join(cell.rjust(COLUMN_WIDTH) for cell in cells)
+
+    lines = [row("", methods), row("score the curves measure", [table[m]["explains"] for m in methods])]
     first = table[methods[0]] if methods else {}
-    if "deletion" in first:
-        lines.append(f"  deletion AUC, {first['curve_pairs']} pairs (lower better)".ljust(40) + "".join(
-            f"{table[m]['deletion']['contribution_auc']:>12.4f} / {table[m]['deletion']['random_auc']:.4f}"
-            for m in methods) + "   (by contribution / random)")
-        lines.append(f"{'  insertion AUC (higher better)':40}" + "".join(
-            f"{table[m]['insertion']['contribution_auc']:>12.4f} / {table[m]['insertion']['random_auc']:.4f}"
-            for m in methods))
-    for kind in first.get("occluders", {}):
-        chance = first["occluders"][kind]["localisation_chance"]
-        lines.append(f"  lowest cell under {kind} (chance {100 * chance:.0f} %)".ljust(40) + "".join(
-            f"{100 * table[m]['occluders'][kind]['localisation']:>20.1f} %" for m in methods))
+    for kind, better in (("deletion", "lower"), ("insertion", "higher")):
+        if kind in first:
+            label = f"{kind} AUC, {first['curve_pairs']} pairs ({better} better)"
+            lines.append(row(label, [f"{table[m][kind]['contribution_auc']:.4f} / {table[m][kind]['random_auc']:.4f}"
+                                     for m in methods]) + "   (by contribution / random order)")
+    for kind, hits in first.get("occluders", {}).items():
+        lines.append(row(f"lowest cell under {kind} (chance {100 * hits['localisation_chance']:.0f} %)",
+                         [f"{100 * table[m]['occluders'][kind]['localisation']:.1f} %" for m in methods]))
     if "pointing" in first:
         chance = np.mean([hits["pointing_chance"] for hits in first["occluders"].values()])
-        lines.append(f"  pointing game (chance {100 * chance:.0f} %)".ljust(40) + "".join(
-            f"{100 * table[m]['pointing']:>20.1f} %" for m in methods))
+        lines.append(row(f"pointing game (chance {100 * chance:.0f} %)", [f"{100 * table[m]['pointing']:.1f} %"
+                                                                          for m in methods]))
     lines.extend(f"  {name}: skipped, {reason}" for name, reason in (skipped or {}).items())
     return lines
