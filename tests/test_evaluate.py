@@ -214,6 +214,22 @@ def test_main_on_pair_shards(tmp_path, tmp_path_factory, shared_dir, capsys):
     assert {"xcos", "gradcam"} <= set(results["faithfulness"])
 
 
+def test_methods_the_model_cannot_run_are_named_and_skipped():
+    face = tiny_verifiers.smooth_faces(1)[0]
+    plain = tiny_verifiers.patch_runtime("uniform")  # no decompose at all
+    runnable, skipped = evaluate.runnable_methods(plain, ["xcos", "decomposition", "gradcam"], face)
+    assert runnable == ["xcos", "gradcam"] and "no decompose signature" in skipped["decomposition"]
+    stub = tiny_verifiers.StubDecompose(plain)
+    assert evaluate.runnable_methods(stub, ["decomposition"], face) == (["decomposition"], {})
+
+    class WithoutTheSignature(tiny_verifiers.StubDecompose):  # as a TFLite runtime of such an export
+        def decompose(self, image_a, image_b):
+            raise ValueError("this export's TFLiteRuntime has no decompose signature")
+
+    runnable, skipped = evaluate.runnable_methods(WithoutTheSignature(plain), ["decomposition", "xcos"], face)
+    assert runnable == ["xcos"] and skipped == {"decomposition": "this export's TFLiteRuntime has no decompose signature"}
+
+
 def test_fold_count_labels_the_accuracy_and_warns_below_ten():
     pairs = _synthetic_pairs()
     pairs.folds = pairs.folds % 5

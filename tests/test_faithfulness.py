@@ -9,28 +9,11 @@ from xcos_tf import faithfulness, occlusion, scoring
 CELLS = (7, 7)
 
 
-class StubDecompose(tiny_verifiers.KerasRuntime):
-    """The patch verifier with a `decompose` of the interface the export gives
-    (`decompose(image_a, image_b) -> score, contribution_map, bias`): the cosine of the two
-    flattened grids split exactly per cell, `<a_i, b_i> / (|a| |b|)`, and a zero bias."""
-
-    def __init__(self, runtime):
-        super().__init__(runtime._verifier)
-
-    def decompose(self, image_a, image_b):
-        grid_a, grid_b = self.embed(image_a)["grid"], self.embed(image_b)["grid"]
-        norms = (np.maximum(np.linalg.norm(grid_a.reshape(len(grid_a), -1), axis=1), 1e-12)
-                 * np.maximum(np.linalg.norm(grid_b.reshape(len(grid_b), -1), axis=1), 1e-12))
-        contribution_map = np.sum(grid_a * grid_b, axis=-1) / norms[:, None, None]
-        return {"score": contribution_map.sum(axis=(1, 2)), "contribution_map": contribution_map,
-                "bias": np.zeros(len(grid_a), np.float32)}
-
-
 @pytest.fixture(scope="module")
 def patch_uniform():
     """Cells that see only their own patch, uniform attention: xCos score = mean of the cos map,
     and a grey patch gives an all-zero cell."""
-    return StubDecompose(tiny_verifiers.patch_runtime("uniform"))
+    return tiny_verifiers.StubDecompose(tiny_verifiers.patch_runtime("uniform"))
 
 
 @pytest.fixture(scope="module")

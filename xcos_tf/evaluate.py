@@ -346,6 +346,24 @@ def save_plots(results, pairs, out_dir, seed=0):
     return written
 
 
+def runnable_methods(model, methods, face):
+    """(the `methods` that `model` can run, {method: why not}). A runtime may have a `decompose`
+    method while its export or format lacks the signature: decomposition is tried on one face."""
+    runnable, skipped = [], {}
+    for method in methods:
+        if not method_available(model, method):
+            skipped[method] = "the model has no decompose signature (export it with a teacher)"
+            continue
+        if method == "decomposition":
+            try:
+                model.decompose(face[None], face[None])
+            except ValueError as err:  # runtime.SignatureUnavailableError, a broken output
+                skipped[method] = str(err)
+                continue
+        runnable.append(method)
+    return runnable, skipped
+
+
 def define_flags():
     """The command-line flags, defined only when this module runs as the script (absl refuses
     a flag defined twice, and other modules define `--model` too)."""
@@ -395,9 +413,7 @@ def main(argv, args):
         model = runtime.load(args.model.value, format=args.format.value)
     except (OSError, ValueError) as err:
         exit_with_error(f"--model {args.model.value}: {err}")
-    methods = [method for method in args.methods.value if method_available(model, method)]
-    skipped = {method: "the model has no decompose signature (export it with a teacher)"
-               for method in args.methods.value if method not in methods}
+    methods, skipped = runnable_methods(model, args.methods.value, pairs.faces[0])
     folds = len(np.unique(pairs.folds))
     if folds < PROTOCOL_FOLDS:
         _log(fewer_folds_warning(folds))
