@@ -99,3 +99,10 @@ def test_training_progress_in_a_log_file_is_plain_lines(tmp_path):
     assert "\r" not in text and "\x1b" not in text and "\b" not in text
     assert any(line.startswith("step 5/5 (100%) ") and " loss " in line for line in text.splitlines()), text[-2000:]
     assert "cudart_stub" not in text and "cuInit" not in text  # TensorFlow's start-up noise
+
+
+def test_make_holdout_pairs_help_keeps_its_example_on_two_lines():
+    result = _run("-m", "tools.make_holdout_pairs", "--help")  # absl's --help exits 1
+    lines = result.stdout.splitlines()
+    first = next(i for i, line in enumerate(lines) if "python -m tools.make_holdout_pairs" in line)
+    assert lines[first].rstrip().endswith("\\") and lines[first + 1].strip().startswith("--out_dir=")
