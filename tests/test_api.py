@@ -12,7 +12,7 @@ import types
 import numpy as np
 import PIL.Image
 import pytest
-from conftest import REPO_ROOT
+from common_testing import REPO_ROOT
 
 import xcos_tf
 from xcos_tf import api, explain

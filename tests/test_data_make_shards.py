@@ -295,3 +295,43 @@ def test_insightface_bin_becomes_pair_shards(shared_dir, tmp_path):
     assert batch["fold"].numpy().tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     is_same = batch["is_same"].numpy()
     assert batch["teacher_cos"].numpy()[is_same].mean() > batch["teacher_cos"].numpy()[~is_same].mean() + 0.3
+
+
+def _run_make_shards(tmp_path, *args):
+    """tools/make_shards as a user runs it into a log file: stderr written to a file."""
+    log = tmp_path / "make_shards.log"
+    with open(log, "w") as stderr:
+        result = subprocess.run(
+            [sys.executable, "-m", "tools.make_shards", "--detector=none", "--assume_aligned", "--teacher=none",
+             "--num_workers=1", *args], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=300)
+    return result, log.read_text()
+
+
+def test_max_images_takes_a_spread_subset_and_logs_plain_progress(crop_folder, tmp_path):
+    result, log = _run_make_shards(tmp_path, f"--input={crop_folder}", f"--out_dir={tmp_path / 'out'}",
+                                   "--max_images=5")
+    assert result.returncode == 0, log
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["input"]["num_images"] == 5
+    # Spread over the sorted list, not its first five (ann's four photos and one of bob's).
+    assert len(manifest["classes"]) == 3
+    # Progress in a file: plain lines, no carriage return, no ANSI escape, and the final count.
+    assert "\r" not in log and "\x1b" not in log
+    assert any(line.startswith("faces 5/5 (100%)") for line in log.splitlines()), log
+
+
+def test_max_pairs_takes_a_spread_subset_of_a_bin(tmp_path):
+    rng = np.random.default_rng(0)
+    images = [align.encode_image(_smooth_face(rng), "png") for _ in range(40)]
+    with open(tmp_path / "tiny.bin", "wb") as f:
+        pickle.dump((images, [i % 2 == 0 for i in range(20)]), f, protocol=2)
+    result, log = _run_make_shards(tmp_path, f"--bin={tmp_path / 'tiny.bin'}", f"--out_dir={tmp_path / 'out'}",
+                                   "--max_pairs=10")
+    assert result.returncode == 0, log
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    # 20 pairs in 10 folds of 2: every other pair keeps one pair of each fold.
+    assert manifest["num_records"] == 10 and manifest["num_folds"] == 10 and manifest["input"]["max_pairs"] == 10
+    assert "\r" not in log and "\x1b" not in log
+    wrong, log = _run_make_shards(tmp_path, f"--bin={tmp_path / 'tiny.bin'}", f"--out_dir={tmp_path / 'o2'}",
+                                  "--max_images=3")
+    assert wrong.returncode == 2 and "--max_images is for face shards" in log

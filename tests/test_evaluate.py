@@ -10,7 +10,7 @@ import pytest
 import tiny_verifiers
 from common_testing import REPO_ROOT
 
-from xcos_tf import evaluate, metrics, scoring
+from xcos_tf import evaluate, faithfulness, metrics, occlusion, scoring
 from xcos_tf.data import align
 
 
@@ -55,7 +55,7 @@ def test_cell_coverage_by_hand():
 
 def test_grey_cells_greys_exactly_those_patches():
     face = tiny_verifiers.smooth_faces(1)[0]
-    greyed = evaluate.grey_cells(face, [0, 8, 48], (7, 7))  # cells (0,0), (1,1), (6,6)
+    greyed = occlusion.grey_cells(face, [0, 8, 48], (7, 7))  # cells (0,0), (1,1), (6,6)
     assert (greyed[0:16, 0:16] == 127.5).all() and (greyed[16:32, 16:32] == 127.5).all()
     assert (greyed[96:, 96:] == 127.5).all()
     untouched = np.ones((112, 112), bool)
@@ -64,9 +64,9 @@ def test_grey_cells_greys_exactly_those_patches():
 
 
 def test_curve_area():
-    assert evaluate.curve_area([1, 1, 1]) == 1.0
-    assert evaluate.curve_area([1, 0]) == 0.5
-    assert evaluate.curve_area([1, 0.5, 0]) == 0.5
+    assert faithfulness.curve_area([1, 1, 1]) == 1.0
+    assert faithfulness.curve_area([1, 0]) == 0.5
+    assert faithfulness.curve_area([1, 0.5, 0]) == 0.5
 
 
 @pytest.fixture(scope="module")
@@ -75,29 +75,18 @@ def patch_uniform():
     return tiny_verifiers.patch_runtime("uniform")
 
 
-def test_deletion_follows_theory_with_uniform_attention(patch_uniform):
+def test_greying_one_cell_follows_theory_with_uniform_attention(patch_uniform):
     face_a, face_b = tiny_verifiers.smooth_faces(2, seed=3)
     face_b = (0.5 * face_a + 0.5 * face_b).astype(np.uint8)  # some cells alike, some not
     clean = patch_uniform.verify(face_a[None], face_b[None])
     cos_map = clean["cos_map"][0].reshape(-1)
     _, grid_a = scoring.embed_faces(patch_uniform, face_a[None])
     # Greying cell k zeroes that cell (cosine 0) and nothing else: the score drops by cos_k / 49.
-    single = np.stack([evaluate.grey_cells(face_b, [k], (7, 7)) for k in range(49)])
+    single = np.stack([occlusion.grey_cells(face_b, [k], (7, 7)) for k in range(49)])
     _, grid_b = scoring.embed_faces(patch_uniform, single)
     drops = clean["score"][0] - scoring.compare_grids(patch_uniform, np.repeat(grid_a, 49, 0), grid_b)["score"]
     np.testing.assert_allclose(drops, cos_map / 49, atol=1e-5)
     assert np.argmax(drops) == np.argmax(cos_map)  # removing the most similar cell costs most
-    # Cumulative deletion in contribution order falls at least as fast as any order.
-    contributions = clean["cos_map"] * clean["attention_map"]
-    by_contribution, by_random = evaluate.deletion_curves(
-        patch_uniform, grid_a, face_b[None], contributions, np.random.default_rng(0))
-    assert by_contribution.shape == by_random.shape == (1, 50)
-    assert by_contribution[0, 0] == pytest.approx(clean["score"][0], abs=1e-5)
-    assert by_contribution[0, -1] == pytest.approx(0.0, abs=1e-6)  # everything greyed
-    np.testing.assert_allclose(by_contribution[0], clean["score"][0] - np.concatenate(
-        [[0], np.cumsum(np.sort(cos_map)[::-1]) / 49]), atol=1e-5)
-    assert np.all(by_contribution[0] <= by_random[0] + 1e-5)
-    assert evaluate.curve_area(by_contribution[0]) < evaluate.curve_area(by_random[0])
 
 
 def test_lowest_cos_cell_lies_under_the_occluder(patch_uniform):
@@ -110,9 +99,10 @@ def test_lowest_cos_cell_lies_under_the_occluder(patch_uniform):
         coverage = np.stack([evaluate.cell_coverage(mask, (7, 7)) for mask in masks])
         lowest = np.argmin(outputs["cos_map"].reshape(6, -1), axis=1)
         assert (coverage.reshape(6, -1)[np.arange(6), lowest] > 0).all(), kind  # always a touched cell
-        hit_rate, chance = evaluate.localisation_rate(outputs["cos_map"], coverage)
-        assert 0 < chance < 0.5
-        if kind != "square":  # the glasses and the mask cover every cell they touch at least half
+        hits = faithfulness.localisation(outputs["cos_map"], coverage)
+        hit_rate, chance = hits["localisation"], hits["localisation_chance"]
+        assert 0 < chance < 0.5 and hits["pointing"] == 1.0
+        if kind != "square":  # the glasses, the mask and the band cover every cell they touch at least half
             assert hit_rate == 1.0, kind
 
 
@@ -132,7 +122,7 @@ def _synthetic_pairs(count=40):
 def test_evaluate_pairs_reports_every_measure(tmp_path):
     runtime = tiny_verifiers.learned_runtime()
     pairs = _synthetic_pairs()
-    results = evaluate.evaluate_pairs(runtime, pairs, deletion_pairs=3)
+    results = evaluate.evaluate_pairs(runtime, pairs, deletion_pairs=3, methods=("xcos", "gradcam"))
     assert set(results["verification"]) == {"xcos", "cosine", "teacher"}  # teacher from the pairs
     for row in results["verification"].values():
         assert 0 <= row["accuracy"] <= 1 and len(row["fold_accuracies"]) == 10
@@ -141,12 +131,15 @@ def test_evaluate_pairs_reports_every_measure(tmp_path):
     assert results["verification"]["xcos"]["accuracy"] > 0.8
     assert set(results["occlusion"]) == set(evaluate.OCCLUDERS)
     assert set(results["occlusion"]["mask"]["accuracy"]) == {"xcos", "cosine"}  # no teacher model
-    assert results["deletion"]["pairs"] == 3 and len(results["deletion"]["contribution_curve"]) == 50
+    assert list(results["faithfulness"]) == ["xcos", "gradcam"]
+    assert results["faithfulness"]["xcos"]["curve_pairs"] == 3
+    assert len(results["faithfulness"]["gradcam"]["insertion"]["contribution_curve"]) == 50
     assert -1 <= results["correlation"]["pearson_xcos_teacher"] <= 1
     restored = json.loads(json.dumps(results))
     assert restored["verification"]["xcos"]["accuracy"] == results["verification"]["xcos"]["accuracy"]
     table = evaluate.format_table(results)
-    for text in ("10-fold accuracy", "TAR @ FAR=0.001", "occluded (sunglasses)", "deletion AUC", "Pearson"):
+    for text in ("10-fold accuracy", "TAR @ FAR=0.001", "occluded (eye_band)", "deletion AUC", "insertion AUC",
+                 "pointing game", "Pearson"):
         assert text in table
     # 20 different-person pairs resolve neither FAR 1e-2 nor 1e-3: one line says so for each.
     assert [line.strip() for line in table.splitlines() if "below 1/20" in line] == [
@@ -207,7 +200,7 @@ def test_main_on_pair_shards(tmp_path, tmp_path_factory, shared_dir, capsys):
     values = {"model": str(exported.dir), "format": "saved_model",
               "pairs": str(tmp_path / "shards"), "teacher": None, "out_dir": str(tmp_path / "out"), "max_pairs": None,
               "deletion_pairs": 2, "seed": 0, "detector": evaluate.DEFAULT_DETECTOR,
-              "occluders": list(evaluate.OCCLUDERS)}
+              "occluders": list(evaluate.OCCLUDERS), "methods": ["xcos", "decomposition", "gradcam"]}
     _write_pair_shards(values["pairs"], _synthetic_pairs())
     args = types.SimpleNamespace(**{name: types.SimpleNamespace(value=value) for name, value in values.items()})
     evaluate.main(["evaluate"], args)
@@ -216,6 +209,34 @@ def test_main_on_pair_shards(tmp_path, tmp_path_factory, shared_dir, capsys):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["pairs"] == 40 and results["model"]["format"] == "saved_model"
     assert {"roc.png", "deletion.png", "occluders.png"} <= set(os.listdir(tmp_path / "out"))
+    # Every method is measured or named as skipped (the tiny export has no teacher to decompose).
+    assert set(results["faithfulness"]) | set(results.get("faithfulness_skipped", {})) == set(evaluate.METHODS)
+    assert {"xcos", "gradcam"} <= set(results["faithfulness"])
+
+
+def test_methods_the_model_cannot_run_are_named_and_skipped():
+    face = tiny_verifiers.smooth_faces(1)[0]
+    plain = tiny_verifiers.patch_runtime("uniform")  # no decompose at all
+    runnable, skipped = evaluate.runnable_methods(plain, ["xcos", "decomposition", "gradcam"], face)
+    assert runnable == ["xcos", "gradcam"] and "no decompose signature" in skipped["decomposition"]
+    stub = tiny_verifiers.StubDecompose(plain)
+    assert evaluate.runnable_methods(stub, ["decomposition"], face) == (["decomposition"], {})
+
+    class WithoutTheSignature(tiny_verifiers.StubDecompose):  # as a TFLite runtime of such an export
+        def decompose(self, image_a, image_b):
+            raise ValueError("this export's TFLiteRuntime has no decompose signature")
+
+    runnable, skipped = evaluate.runnable_methods(WithoutTheSignature(plain), ["decomposition", "xcos"], face)
+    assert runnable == ["xcos"] and skipped == {"decomposition": "this export's TFLiteRuntime has no decompose signature"}
+
+
+def test_fold_count_labels_the_accuracy_and_warns_below_ten():
+    pairs = _synthetic_pairs()
+    pairs.folds = pairs.folds % 5
+    results = evaluate.evaluate_pairs(tiny_verifiers.learned_runtime(), pairs, occluders=(), deletion_pairs=0)
+    table = evaluate.format_table(results)
+    assert "5-fold accuracy" in table and "10-fold accuracy" not in table
+    assert "warning: the pairs have 5 folds, fewer than the 10" in table
 
 
 def test_cli_names_a_missing_pairs_folder(tmp_path):

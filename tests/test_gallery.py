@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
+from common_testing import REPO_ROOT
 
 from xcos_tf import api, gallery
 from xcos_tf.gallery import enroll, index, search

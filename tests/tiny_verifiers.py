@@ -1,4 +1,5 @@
-"""Tiny in-memory verifiers with the runtime's interface, for the explain and evaluate tests.
+"""Tiny in-memory verifiers with the runtime's interface, for the explain and evaluate tests
+(`StubDecompose` adds a `decompose` of the export's interface).
 
 The learned-attention model is the export tests' `export_testing.tiny_trainer`.
 
@@ -64,3 +65,19 @@ def smooth_faces(count, seed=0):
     coarse = rng.integers(0, 256, size=(count, 7, 7, 3), dtype=np.uint8)
     return np.stack([cv2.resize(c, (112, 112), interpolation=cv2.INTER_LINEAR) for c in coarse])
 
+
+class StubDecompose(KerasRuntime):
+    """The patch verifier with a `decompose` of the interface the export gives
+    (`decompose(image_a, image_b) -> score, contribution_map, bias`): the cosine of the two
+    flattened grids split exactly per cell, `<a_i, b_i> / (|a| |b|)`, and a zero bias."""
+
+    def __init__(self, runtime):
+        super().__init__(runtime._verifier)
+
+    def decompose(self, image_a, image_b):
+        grid_a, grid_b = self.embed(image_a)["grid"], self.embed(image_b)["grid"]
+        norms = (np.maximum(np.linalg.norm(grid_a.reshape(len(grid_a), -1), axis=1), 1e-12)
+                 * np.maximum(np.linalg.norm(grid_b.reshape(len(grid_b), -1), axis=1), 1e-12))
+        contribution_map = np.sum(grid_a * grid_b, axis=-1) / norms[:, None, None]
+        return {"score": contribution_map.sum(axis=(1, 2)), "contribution_map": contribution_map,
+                "bias": np.zeros(len(grid_a), np.float32)}

@@ -1,4 +1,4 @@
-"""Validation pair shards from face shards of held-out people (no LFW involved).
+r"""Validation pair shards from face shards of held-out people (no LFW involved).
 
 The default model chooses its checkpoint and its decision threshold (at a false-accept rate)
 on pairs of training-set people who were kept out of training (`tools/make_default_lists.py`

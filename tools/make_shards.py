@@ -17,6 +17,9 @@ Evaluation pairs (pair shards for `pipeline.eval_pair_dataset` and the evaluatio
         --input=../shared/data/lfw/images --out_dir=shards/lfw_pairs
     python -m tools.make_shards --bin=agedb_30.bin --out_dir=shards/agedb_30
 
+Quick trials: `--max_images=N` (face shards) or `--max_pairs=N` (pair shards) take at most N,
+evenly spread over the sorted image list or the pairs file (every fold, both kinds of pair).
+
 The work is done by `xcos_tf.data.shard_writer`: see there for the manifest, determinism and
 resuming an interrupted run (re-run the same command).
 """
@@ -75,6 +78,12 @@ _NUM_WORKERS = flags.DEFINE_integer("num_workers", None, "Worker processes (defa
 _PREFIX = flags.DEFINE_string("prefix", None, "Shard file prefix (default: train, or pairs).")
 _SHUFFLE_SEED = flags.DEFINE_integer("shuffle_seed", 0, "Seed of the record order; -1 keeps the sorted order.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace shards in --out_dir made with other settings.")
+_MAX_IMAGES = flags.DEFINE_integer(
+    "max_images", None, "Face shards: take at most this many images, evenly spread over the sorted list "
+    "(most identities keep some), for quick trials.", lower_bound=1)
+_MAX_PAIRS = flags.DEFINE_integer(
+    "max_pairs", None, "Pair shards: take at most this many pairs, evenly spread (every fold, same and "
+    "different), for quick trials.", lower_bound=1)
 
 
 def _settings_from_flags():
@@ -107,13 +116,19 @@ def _make_shards(argv):
         raise app.UsageError("Give --pairs (with --input) or --bin, not both")
     settings = _settings_from_flags()
     common = dict(shard_mb=_SHARD_MB.value, num_workers=_NUM_WORKERS.value, overwrite=_OVERWRITE.value)
+    pairs_only = dict(max_pairs=_MAX_PAIRS.value)
+    if (_BIN.value or _PAIRS.value) and _MAX_IMAGES.value:
+        raise app.UsageError("--max_images is for face shards; with --pairs or --bin give --max_pairs")
+    if not (_BIN.value or _PAIRS.value) and _MAX_PAIRS.value:
+        raise app.UsageError("--max_pairs is for pair shards (--pairs or --bin); for face shards give --max_images")
     if _BIN.value:
-        manifest = shard_writer.make_bin_pair_shards(_BIN.value, _OUT_DIR.value, settings, prefix=_PREFIX.value or "pairs", **common)
+        manifest = shard_writer.make_bin_pair_shards(_BIN.value, _OUT_DIR.value, settings, prefix=_PREFIX.value or "pairs",
+                                                     **common, **pairs_only)
     elif _PAIRS.value:
         if not _INPUT.value:
             raise app.UsageError("--pairs needs --input=IMAGE_FOLDER")
         manifest = shard_writer.make_lfw_pair_shards(_PAIRS.value, _INPUT.value, _OUT_DIR.value, settings,
-                                        prefix=_PREFIX.value or "pairs", **common)
+                                        prefix=_PREFIX.value or "pairs", **common, **pairs_only)
     else:
         if not _INPUT.value:
             raise app.UsageError("--input is required (an ImageFolder root or a list file)")
@@ -130,6 +145,9 @@ def _make_shards(argv):
             kept = [item for item in items if item[1] not in excluded]
             logging.info("Left out %d images of people named in %s", len(items) - len(kept), _EXCLUDE_PAIRS_PEOPLE.value)
             items = kept
+        if _MAX_IMAGES.value:
+            items = sorted(items, key=lambda item: (item[0], item[1] or ""))
+            items = [items[i] for i in pairs_lib.spread_subset(len(items), _MAX_IMAGES.value)]
         manifest = shard_writer.make_face_shards(
             items, root, _OUT_DIR.value, settings, prefix=_PREFIX.value or "train",
             shuffle_seed=None if _SHUFFLE_SEED.value < 0 else _SHUFFLE_SEED.value,

@@ -4,9 +4,16 @@
   range, missing required flag or flagfile), is one line `error: ...` on stderr and exit code 2
   (absl alone prints its usage and exits 1).
 - TensorFlow's and absl's start-up noise is silenced unless `--verbose` is given: call
-  `quiet_startup(__name__)` before TensorFlow is imported.
+  `quiet_startup(__name__)` before TensorFlow is imported (`run` calls it too, for programs
+  that import TensorFlow only later). TF 2.21 writes its cudart_stub, cpu_feature_guard and
+  "before absl::InitializeLog()" lines from C++ while `import tensorflow` runs, whatever
+  TF_CPP_MIN_LOG_LEVEL, GLOG_minloglevel or ABSL_MIN_LOG_LEVEL say (tried: all three set to 3,
+  the lines still came): so file descriptor 2 points at /dev/null while that import runs,
+  and is restored right after (errors printed later, by Python or by TensorFlow, still show).
 - The same shape: `define_flags()` (nothing at import), `main(argv)`, then `cli.run(main)`.
 """
+import contextlib
+import importlib.machinery
 import os
 import sys
 
@@ -23,14 +30,60 @@ def _verbose_requested(argv):
     return any(arg in ("--verbose", "--verbose=true", "--verbose=1") for arg in argv[1:])
 
 
+@contextlib.contextmanager
+def native_stderr_hidden():
+    """Points file descriptor 2 (where C++ code writes) at /dev/null inside the block; Python's
+    `sys.stderr` is flushed first and writes to the same descriptor again afterwards."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+class _QuietImportFinder:
+    """A `sys.meta_path` finder that runs the import of `modules` (top-level names) with
+    `native_stderr_hidden`; every other import is left to the finders after it."""
+
+    def __init__(self, modules):
+        self.modules = set(modules)
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in self.modules:
+            return None
+        self.modules.discard(name)  # once: the import below must not come back here
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def quiet_exec_module(module):
+            with native_stderr_hidden():
+                exec_module(module)
+
+        spec.loader.exec_module = quiet_exec_module  # this spec's own loader object only
+        return spec
+
+
+NOISY_IMPORTS = ("tensorflow",)
+
+
 def quiet_startup(module_name, argv=None):
     """For a program's `__main__` (a no-op for imports): hides TensorFlow's C++ and absl's
     start-up logging unless `--verbose`. Must run before TensorFlow is imported."""
     if module_name != "__main__" or _verbose_requested(sys.argv if argv is None else argv):
         return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # C++ INFO, WARNING and ERROR at start-up
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # C++ INFO, WARNING and ERROR after start-up
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "2")
+    pending = [name for name in NOISY_IMPORTS if name not in sys.modules]
+    if pending and not any(isinstance(finder, _QuietImportFinder) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _QuietImportFinder(pending))
 
 
 def fail(message):
@@ -48,6 +101,7 @@ def _parse_flags(argv):
 
 def run(main):
     """`app.run(main)` with the convention: flag errors and `UserError` exit 2 on one line."""
+    quiet_startup("__main__")
     if "verbose" not in flags.FLAGS:
         flags.DEFINE_bool("verbose", False, "Show TensorFlow's and absl's start-up logging.")
 

@@ -25,9 +25,9 @@ import tempfile
 import types
 
 import cv2
-from absl import app, flags
+from absl import flags
 
-from xcos_tf import explain, explain_picture, runtime  # runtime imports a format's engine only in load()
+from xcos_tf import cli, explain, explain_picture, runtime  # runtime imports a format's engine only in load()
 from xcos_tf.data import align, image_io
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -240,4 +240,4 @@ def main(argv, args):
 if __name__ == "__main__":
     _ARGS = define_flags()
     flags.mark_flag_as_required("model")
-    app.run(lambda argv: main(argv, _ARGS))
+    cli.run(lambda argv: main(argv, _ARGS))

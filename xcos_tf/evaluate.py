@@ -1,24 +1,23 @@
 """Evaluate a verifier: the LFW protocol, robustness to occluders, and how faithful the maps are.
 
 `python -m xcos_tf.evaluate --model DIR --pairs PAIR_SHARDS_OR_LFW_DIR [--teacher PATH]
-[--out_dir DIR] [--max_pairs N]`
+[--out_dir DIR] [--max_pairs N] [--methods=xcos,decomposition,gradcam]`
 
-- Verification: 10-fold accuracy (threshold chosen on the other nine folds), TAR at FAR 1e-2
+- Verification: k-fold accuracy over the pairs' own folds (10 for LFW; the threshold chosen on
+  the other folds), TAR at FAR 1e-2
   and 1e-3, ROC curve; rows for the xCos score, the plain cosine of the 1568-d embedding, and
   the teacher's cosine (from `--teacher`, or from the teacher embeddings stored in the shards).
 - Occlusion: the same pairs with a synthetic occluder pasted on face B (`OCCLUDERS`: dark
-  glasses over the eyes, a mask over nose and mouth, a random square, placed from the ArcFace
-  template): 10-fold accuracy of each row.
-- Faithfulness of the maps, with no human labels:
-  deletion: the cells of face B are greyed out one by one in the order of their contribution
-  `cos x attention` (largest first), and in random order, and the score recomputed; a faithful
-  map makes the score fall faster (smaller area under the curve) than a random order.
-  Localisation: with an occluder on face B of a same-person pair, how often the lowest-cos cell
-  lies under the occluder (at least half covered), next to the chance rate.
-  Correlation: Pearson's r between the xCos score and the teacher cosine over all pairs.
+  glasses over the eyes, a mask over nose and mouth, a random square, a black band over both
+  eyes, placed from the ArcFace template): k-fold accuracy of each row, and how often the
+  lowest-cos cell lies under the occluder (at least half covered), next to the chance rate.
+- Faithfulness of each explanation method's maps (`--methods`; the model must be able to run
+  it, else it is named and skipped): deletion and insertion AUC against a random order, occluder
+  localisation and the pointing game (`xcos_tf.faithfulness` says what each measures).
+- Correlation: Pearson's r between the xCos score and the teacher cosine over all pairs.
 
-Writes `results.json` (every number), `roc.png`, `deletion.png` and `occluders.png` into
-`--out_dir` and prints one table.
+Writes `results.json` (every number), `roc.png`, `deletion.png` (deletion and insertion curves)
+and `occluders.png` into `--out_dir` and prints one table.
 """
 import dataclasses
 import glob
@@ -28,17 +27,23 @@ import sys
 import types
 
 import numpy as np
-import tqdm
 from absl import flags
 
-from xcos_tf import cli, metrics, runtime
-from xcos_tf.occlusion import GREY, OCCLUDERS, SQUARE_SIZE, cell_coverage, grey_cells, occlude, occluder_box
+from xcos_tf import cli, faithfulness, metrics, progress, runtime
+from xcos_tf.occlusion import GREY, OCCLUDERS, SQUARE_SIZE, cell_coverage, occlude, occluder_box
 from xcos_tf.scoring import BATCH_SIZE, compare_grids, embed_faces, row_cosine
 from xcos_tf.data import align
 from xcos_tf.data import pairs as pairs_lib
-from xcos_tf.explain import DEFAULT_DETECTOR, exit_with_error
+from xcos_tf.data.pairs import spread_subset
+from xcos_tf.explain import DEFAULT_DETECTOR, METHODS, exit_with_error, method_available
 
 FARS = (1e-2, 1e-3)
+PROTOCOL_FOLDS = 10  # LFW's
+
+
+def fewer_folds_warning(folds):
+    return (f"warning: the pairs have {folds} folds, fewer than the {PROTOCOL_FOLDS} of the LFW protocol: "
+            "each threshold is chosen on fewer pairs and the accuracy is not comparable with 10-fold figures")
 
 
 
@@ -67,14 +72,6 @@ class PairSet:
         return len(self.is_same)
 
 
-def spread_subset(count, max_count):
-    """Indices of at most `max_count` of `count` items, evenly spread (every fold, both
-    kinds of pair), or all of them when `max_count` is None."""
-    if max_count is None or max_count >= count:
-        return np.arange(count)
-    return np.unique(np.linspace(0, count - 1, max_count).round().astype(int))
-
-
 def load_lfw(lfw_dir, aligner, max_pairs=None):
     """LFW `pairs.txt` + `images/` -> `PairSet`, faces aligned by `aligner` (central face).
 
@@ -89,7 +86,7 @@ def load_lfw(lfw_dir, aligner, max_pairs=None):
     position = {path: i for i, path in enumerate(paths)}
     faces, undetected = [], 0
     _log(f"aligning {len(paths)} LFW images for {len(chosen)} pairs")
-    for path in tqdm.tqdm(paths, desc="aligning", unit="image", file=sys.stderr, leave=False):
+    for path in progress.bar(paths, description="aligning", unit="image"):
         image = align.read_image(os.path.join(lfw_dir, "images", path))
         try:
             faces.append(aligner.align(image, assume_aligned=False).image)
@@ -144,7 +141,7 @@ def load_pairs(path, detector, max_pairs=None):
 
 # === Measures ===
 def verification_summary(scores, is_same, folds):
-    """10-fold accuracy, TAR at each of `FARS` and ROC points of one score."""
+    """k-fold accuracy (the pairs' own folds), TAR at each of `FARS` and ROC points of one score."""
     accuracy = metrics.k_fold_accuracy(scores, is_same, folds=folds)
     roc = metrics.roc_curve(scores, is_same)
     return {
@@ -156,51 +153,6 @@ def verification_summary(scores, is_same, folds):
     }
 
 
-def localisation_rate(cos_maps, coverages):
-    """How often the lowest-cos cell is at least half under the occluder, and the chance rate
-    (the mean share of such cells)."""
-    flat_cos = cos_maps.reshape(len(cos_maps), -1)
-    flat_cover = coverages.reshape(len(coverages), -1) >= 0.5
-    hits = flat_cover[np.arange(len(flat_cos)), np.argmin(flat_cos, axis=1)]
-    return float(hits.mean()), float(flat_cover.mean())
-
-
-def deletion_curves(model, grid_a, faces_b, contributions, rng, batch_size=BATCH_SIZE):
-    """Scores while the cells of each face B are greyed out cumulatively.
-
-    Args:
-        model: a runtime with `embed` and `compare`.
-        grid_a: float32 [P, H, W, C], the grids of faces A (kept intact).
-        faces_b: uint8 [P, 112, 112, 3].
-        contributions: float [P, H, W], `cos_map * attention_map` of the intact pairs.
-        rng: numpy Generator for the random order.
-
-    Returns:
-        (by_contribution, random): float32 [P, cells + 1], column k = the score after greying
-        the first k cells (largest contribution first / random order).
-    """
-    cells = contributions.shape[1:]
-    count = cells[0] * cells[1]
-    curves = {"contribution": [], "random": []}
-    for pair in tqdm.trange(len(faces_b), desc="deletion", unit="pair", file=sys.stderr, leave=False):
-        orders = {
-            "contribution": np.argsort(-contributions[pair].reshape(-1), kind="stable"),
-            "random": rng.permutation(count),
-        }
-        for name, order in orders.items():
-            greyed = np.stack([grey_cells(faces_b[pair], order[:k], cells) for k in range(count + 1)])
-            _, grid_b = embed_faces(model, greyed, batch_size)
-            repeated_a = np.repeat(grid_a[pair:pair + 1], count + 1, axis=0)
-            curves[name].append(compare_grids(model, repeated_a, grid_b, batch_size)["score"])
-    return np.array(curves["contribution"]), np.array(curves["random"])
-
-
-def curve_area(curve):
-    """Area under a curve sampled at evenly spaced fractions 0..1 (trapezoids)."""
-    curve = np.asarray(curve, np.float64)
-    return float(np.sum(curve[1:] + curve[:-1]) / (2 * (len(curve) - 1)))
-
-
 def pearson(x, y):
     """Pearson's correlation coefficient of two 1-D arrays."""
     return float(np.corrcoef(np.asarray(x, np.float64), np.asarray(y, np.float64))[0, 1])
@@ -210,7 +162,7 @@ def _log(message):
     print(message, file=sys.stderr, flush=True)
 
 
-def evaluate_pairs(model, pairs, teacher=None, occluders=OCCLUDERS, deletion_pairs=100, seed=0):
+def evaluate_pairs(model, pairs, teacher=None, occluders=OCCLUDERS, deletion_pairs=100, seed=0, methods=("xcos",)):
     """Every measure of this module on one `PairSet`; returns a JSON-ready dict.
 
     Args:
@@ -219,8 +171,11 @@ def evaluate_pairs(model, pairs, teacher=None, occluders=OCCLUDERS, deletion_pai
         teacher: optional `xcos_tf.teacher.Teacher`; without it, the teacher row uses
             `pairs.teacher_cos` when the pairs carry it (no teacher row under occlusion then).
         occluders: names from `OCCLUDERS`.
-        deletion_pairs: int, same-person pairs (evenly spread) for the deletion curves; 0 skips.
-        seed: int, seeds the random squares and the random deletion order.
+        deletion_pairs: int, same-person pairs (evenly spread) for the deletion and insertion
+            curves; 0 skips them.
+        seed: int, seeds the random squares and the random cell orders.
+        methods: explanation methods for the faithfulness table (`faithfulness.EXPLAINED_SCORES`),
+            all of which `model` must be able to run.
     """
     rng = np.random.default_rng(seed)
     index_a, index_b, is_same = pairs.index_a, pairs.index_b, pairs.is_same
@@ -251,7 +206,7 @@ def evaluate_pairs(model, pairs, teacher=None, occluders=OCCLUDERS, deletion_pai
     }
 
     same = np.flatnonzero(is_same)
-    results["occlusion"] = {}
+    results["occlusion"], occluded_same = {}, {}
     for kind in occluders:
         _log(f"occluder {kind!r} on face B of every pair")
         occluded, masks = zip(*(occlude(pairs.faces[j], kind, rng) for j in index_b))
@@ -262,31 +217,23 @@ def evaluate_pairs(model, pairs, teacher=None, occluders=OCCLUDERS, deletion_pai
         if teacher is not None:
             occluded_scores["teacher"] = row_cosine(teacher_embedding[index_a], teacher.embed(occluded))
         coverage = np.stack([cell_coverage(mask, cells) for mask in masks])
-        hit_rate, chance = localisation_rate(outputs["cos_map"][same], coverage[same])
+        occluded_same[kind] = (occluded[same], coverage[same])
+        lowest_cos = faithfulness.localisation(outputs["cos_map"][same], coverage[same])
         results["occlusion"][kind] = {
             "accuracy": {name: metrics.k_fold_accuracy(score, is_same, folds=pairs.folds).mean
                          for name, score in occluded_scores.items()},
-            "localisation": hit_rate,
-            "localisation_chance": chance,
+            "localisation": lowest_cos["localisation"],
+            "localisation_chance": lowest_cos["localisation_chance"],
         }
 
-    if deletion_pairs and len(same):
-        chosen = same[spread_subset(len(same), deletion_pairs)]
-        _log(f"deletion curves on {len(chosen)} same-person pairs ({cells[0] * cells[1] + 1} steps, 2 orders)")
-        contributions = clean["cos_map"][chosen] * clean["attention_map"][chosen]
-        by_contribution, by_random = deletion_curves(
-            model, grid[index_a[chosen]], pairs.faces[index_b[chosen]], contributions, rng
-        )
-        areas = np.array([[curve_area(c), curve_area(r)] for c, r in zip(by_contribution, by_random)])
-        results["deletion"] = {
-            "pairs": len(chosen),
-            "fraction_deleted": np.linspace(0, 1, by_contribution.shape[1]).tolist(),
-            "contribution_curve": by_contribution.mean(axis=0).tolist(),
-            "random_curve": by_random.mean(axis=0).tolist(),
-            "contribution_auc": float(areas[:, 0].mean()),
-            "random_auc": float(areas[:, 1].mean()),
-            "pairs_faster_than_random": float(np.mean(areas[:, 0] < areas[:, 1])),
-        }
+    if len(same) and methods:
+        curve_pairs = spread_subset(len(same), deletion_pairs) if deletion_pairs else np.arange(0)
+        _log(f"faithfulness of {', '.join(methods)}: deletion and insertion curves on {len(curve_pairs)} same-person "
+             f"pairs ({cells[0] * cells[1] + 1} steps, 2 orders), localisation on {len(same)}")
+        with progress.bar(total=len(curve_pairs) * len(methods), description="curves", unit="pair") as bar:
+            results["faithfulness"] = faithfulness.faithfulness_table(
+                model, list(methods), pairs.faces[index_a[same]], pairs.faces[index_b[same]], occluded_same,
+                curve_pairs, rng, progress=bar)
     if "teacher" in scores:
         results["correlation"] = {"pearson_xcos_teacher": pearson(scores["xcos"], scores["teacher"]),
                                   "pearson_cosine_teacher": pearson(scores["cosine"], scores["teacher"])}
@@ -307,7 +254,7 @@ def format_table(results):
         f"{'':34}" + "".join(f"{ROW_NAMES[n]:>27}" for n in names),
     ]
     verification = results["verification"]
-    lines.append(f"{'10-fold accuracy':34}" + "".join(
+    lines.append(f"{str(results['folds']) + '-fold accuracy':34}" + "".join(
         f"{100 * verification[n]['accuracy']:>19.2f} ± {100 * verification[n]['accuracy_std']:4.2f} %" for n in names))
     different = results["pairs"] - results["same_pairs"]
     for far, key in zip(FARS, far_keys):
@@ -320,21 +267,21 @@ def format_table(results):
     for kind, row in results["occlusion"].items():
         lines.append(f"{'occluded (' + kind + ') accuracy':34}" + "".join(
             f"{100 * row['accuracy'][n]:>25.2f} %" if n in row["accuracy"] else f"{'-':>27}" for n in names))
+    if results["folds"] < PROTOCOL_FOLDS:
+        lines.append(f"  {fewer_folds_warning(results['folds'])}")
     lines.append("")
-    lines.append("faithfulness of the maps")
     for kind, row in results["occlusion"].items():
         lines.append(f"  lowest-cos cell under the {kind:<10}: {100 * row['localisation']:6.2f} % of same-person pairs"
                      f" (chance {100 * row['localisation_chance']:.2f} %)")
-    if "deletion" in results:
-        deletion = results["deletion"]
-        lines.append(f"  deletion AUC of the xCos score, {deletion['pairs']} same-person pairs: by contribution "
-                     f"{deletion['contribution_auc']:.4f}, random order {deletion['random_auc']:.4f} "
-                     f"(lower = the map ranks the cells that carry the score; faster than random in "
-                     f"{100 * deletion['pairs_faster_than_random']:.0f} % of pairs)")
     if "correlation" in results:
         correlation = results["correlation"]
         lines.append(f"  Pearson r with the teacher cosine: xCos score {correlation['pearson_xcos_teacher']:.4f}, "
                      f"plain cosine {correlation['pearson_cosine_teacher']:.4f}")
+    if "faithfulness" in results or results.get("faithfulness_skipped"):
+        lines.append("")
+        lines.append("faithfulness of the maps (same-person pairs; occluders on face B)")
+        lines.extend(faithfulness.format_faithfulness(results.get("faithfulness", {}),
+                                                      results.get("faithfulness_skipped")))
     return "\n".join(lines)
 
 
@@ -365,19 +312,22 @@ def save_plots(results, pairs, out_dir, seed=0):
     written.append(os.path.join(out_dir, "roc.png"))
     figure.savefig(written[-1])
 
-    if "deletion" in results:
-        deletion = results["deletion"]
-        figure = _new_figure((6.5, 4.5))
-        ax = figure.subplots()
-        x = np.array(deletion["fraction_deleted"])
-        ax.plot(x, deletion["contribution_curve"],
-                label=f"largest cos x attention first (AUC {deletion['contribution_auc']:.3f})")
-        ax.plot(x, deletion["random_curve"], label=f"random order (AUC {deletion['random_auc']:.3f})")
-        ax.set_xlabel("share of face B's cells greyed out")
-        ax.set_ylabel("mean xCos score")
-        ax.set_title(f"Deletion curves, {deletion['pairs']} same-person pairs")
-        ax.grid(True, alpha=0.3)
-        ax.legend()
+    table = results.get("faithfulness", {})
+    curved = [method for method, row in table.items() if "deletion" in row]
+    if curved:
+        figure = _new_figure((11, 4.5))
+        for ax, kind in zip(figure.subplots(1, 2), ("deletion", "insertion")):
+            for method in curved:
+                row = table[method][kind]
+                x = np.linspace(0, 1, len(row["contribution_curve"]))
+                line, = ax.plot(x, row["contribution_curve"], label=f"{method} ({row['contribution_auc']:.3f})")
+                ax.plot(x, row["random_curve"], linestyle=":", color=line.get_color(),
+                        label=f"{method}, random order ({row['random_auc']:.3f})")
+            ax.set_xlabel(f"share of face B's cells {'greyed out' if kind == 'deletion' else 'restored'}")
+            ax.set_ylabel("mean score the method explains")
+            ax.set_title(f"{kind.capitalize()} curves (AUC), {table[curved[0]]['curve_pairs']} same-person pairs")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
         written.append(os.path.join(out_dir, "deletion.png"))
         figure.savefig(written[-1])
 
@@ -396,6 +346,24 @@ def save_plots(results, pairs, out_dir, seed=0):
     return written
 
 
+def runnable_methods(model, methods, face):
+    """(the `methods` that `model` can run, {method: why not}). A runtime may have a `decompose`
+    method while its export or format lacks the signature: decomposition is tried on one face."""
+    runnable, skipped = [], {}
+    for method in methods:
+        if not method_available(model, method):
+            skipped[method] = "the model has no decompose signature (export it with a teacher)"
+            continue
+        if method == "decomposition":
+            try:
+                model.decompose(face[None], face[None])
+            except ValueError as err:  # runtime.SignatureUnavailableError, a broken output
+                skipped[method] = str(err)
+                continue
+        runnable.append(method)
+    return runnable, skipped
+
+
 def define_flags():
     """The command-line flags, defined only when this module runs as the script (absl refuses
     a flag defined twice, and other modules define `--model` too)."""
@@ -411,8 +379,11 @@ def define_flags():
         occluders=flags.DEFINE_list(
             "occluders", list(OCCLUDERS), f"Occluders to measure, from {', '.join(OCCLUDERS)} (empty: none)."),
         deletion_pairs=flags.DEFINE_integer(
-            "deletion_pairs", 100, "Same-person pairs for the deletion curves (0: skip).", lower_bound=0),
-        seed=flags.DEFINE_integer("seed", 0, "Seed of the random squares and the random deletion order."),
+            "deletion_pairs", 100, "Same-person pairs for the deletion and insertion curves (0: skip).", lower_bound=0),
+        seed=flags.DEFINE_integer("seed", 0, "Seed of the random squares and the random cell orders."),
+        methods=flags.DEFINE_list(
+            "methods", ["xcos"], f"Explanation methods for the faithfulness table, from {', '.join(METHODS)}; "
+            "methods the model cannot run are named and skipped (empty: no table)."),
         detector=flags.DEFINE_string("detector", DEFAULT_DETECTOR, "YuNet face detector ONNX file (LFW folders)."),
     )
 
@@ -423,6 +394,9 @@ def main(argv, args):
     unknown = sorted(set(args.occluders.value) - set(OCCLUDERS))
     if unknown:
         exit_with_error(f"--occluders: unknown {unknown}; valid: {', '.join(OCCLUDERS)}")
+    unknown = sorted(set(args.methods.value) - set(METHODS))
+    if unknown:
+        exit_with_error(f"--methods: unknown {unknown}; valid: {', '.join(METHODS)}")
     teacher = None
     if args.teacher.value:
         from xcos_tf.teacher import Teacher
@@ -439,8 +413,14 @@ def main(argv, args):
         model = runtime.load(args.model.value, format=args.format.value)
     except (OSError, ValueError) as err:
         exit_with_error(f"--model {args.model.value}: {err}")
+    methods, skipped = runnable_methods(model, args.methods.value, pairs.faces[0])
+    folds = len(np.unique(pairs.folds))
+    if folds < PROTOCOL_FOLDS:
+        _log(fewer_folds_warning(folds))
     results = evaluate_pairs(model, pairs, teacher=teacher, occluders=tuple(args.occluders.value),
-                             deletion_pairs=args.deletion_pairs.value, seed=args.seed.value)
+                             deletion_pairs=args.deletion_pairs.value, seed=args.seed.value, methods=methods)
+    if skipped:
+        results["faithfulness_skipped"] = skipped
     results["model"] = {"path": args.model.value, "format": args.format.value}
     if args.teacher.value:
         results["teacher_path"] = args.teacher.value

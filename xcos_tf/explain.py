@@ -30,9 +30,9 @@ import sys
 import types
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from xcos_tf import runtime  # numpy only; the chosen format's backend is imported by `load`
+from xcos_tf import cli, runtime  # numpy only; the chosen format's backend is imported by `load`
 from xcos_tf.data import align
 from xcos_tf.explain_picture import decide, save_explanation, single_map
 from xcos_tf.explanations import gradcam
@@ -308,4 +308,4 @@ def main(argv, args):
 if __name__ == "__main__":
     _ARGS = define_flags()
     flags.mark_flag_as_required("model")
-    app.run(lambda argv: main(argv, _ARGS))
+    cli.run(lambda argv: main(argv, _ARGS))

@@ -1,13 +1,14 @@
 """Occluders and cell deletion on aligned faces, for the evaluation of the maps
-(`xcos_tf.evaluate`): where sunglasses, a mask or a random square fall on the ArcFace template,
-and which grid cells they cover."""
+(`xcos_tf.evaluate`): where sunglasses, a mask, a random square or a dark band over both eyes
+fall on the ArcFace template, and which grid cells they cover."""
 import numpy as np
 
 from xcos_tf.data import align
 
-OCCLUDERS = ("sunglasses", "mask", "square")
+OCCLUDERS = ("sunglasses", "mask", "square", "eye_band")
 GREY = 127.5  # a deleted cell: mid-grey, which the backbone maps to 0
 SQUARE_SIZE = 40  # side of the random square, px of the 112 face (2.5 cells)
+EYE_BAND_HALF_HEIGHT = 12  # px above and below the eye line: brows to cheekbones
 
 _LEFT_EYE, _RIGHT_EYE, _NOSE, _LEFT_MOUTH, _RIGHT_MOUTH = align.TEMPLATE_112
 
@@ -16,13 +17,17 @@ def occluder_box(kind, rng=None, size=align.ALIGNED_SIZE):
     """(x0, y0, x1, y1) of an occluder on an aligned face, from the ArcFace template.
 
     `sunglasses` spans both eyes from brow to cheekbone, `mask` the nose (from halfway up),
-    the mouth and the chin, as a surgical mask does; `square` is a `SQUARE_SIZE` square at a random place (needs `rng`).
+    the mouth and the chin, as a surgical mask does; `square` is a `SQUARE_SIZE` square at a random place (needs `rng`);
+    `eye_band` a black band across the whole face over both eyes (the issue 14 test of a new user).
     """
     if kind == "sunglasses":
         eye_y = 0.5 * (_LEFT_EYE[1] + _RIGHT_EYE[1])
         box = (_LEFT_EYE[0] - 22, eye_y - 14, _RIGHT_EYE[0] + 22, eye_y + 12)
     elif kind == "mask":
         box = (_LEFT_MOUTH[0] - 24, _NOSE[1] - 8, _RIGHT_MOUTH[0] + 24, size)
+    elif kind == "eye_band":
+        eye_y = 0.5 * (_LEFT_EYE[1] + _RIGHT_EYE[1])
+        box = (0, eye_y - EYE_BAND_HALF_HEIGHT, size, eye_y + EYE_BAND_HALF_HEIGHT)
     elif kind == "square":
         x0, y0 = rng.integers(0, size - SQUARE_SIZE + 1, size=2)
         box = (x0, y0, x0 + SQUARE_SIZE, y0 + SQUARE_SIZE)
@@ -34,7 +39,7 @@ def occluder_box(kind, rng=None, size=align.ALIGNED_SIZE):
 def occlude(face, kind, rng):
     """A copy of `face` with the occluder pasted on, and the occluder's mask bool [H, W]."""
     x0, y0, x1, y1 = occluder_box(kind, rng, size=face.shape[0])
-    colour = {"sunglasses": (20, 20, 20), "mask": (175, 205, 230)}.get(kind)
+    colour = {"sunglasses": (20, 20, 20), "mask": (175, 205, 230), "eye_band": (0, 0, 0)}.get(kind)
     if colour is None:
         colour = rng.integers(0, 256, size=3)
     occluded = face.copy()

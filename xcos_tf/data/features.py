@@ -30,9 +30,9 @@ import time
 
 import numpy as np
 import tensorflow as tf
-import tqdm
 from absl import logging
 
+from xcos_tf import progress as progress_lib
 from xcos_tf.data import pipeline, records
 
 FEATURE_FACE_KEYS = {
@@ -203,11 +203,11 @@ def write_feature_shards(backbone, shard_patterns, out_dir, kind="faces", batch_
             # A partial cache of an earlier version (or a damaged one): continue it in the staging folder.
             os.rename(out_dir, staging)
     os.makedirs(staging, exist_ok=True)
-    progress = records.read_manifest(staging)
+    staged = records.read_manifest(staging)
     shards = []
-    if progress is not None:
-        _check_same_source(progress, config, staging)
-        for entry in progress["shards"]:  # continue after the last intact shard
+    if staged is not None:
+        _check_same_source(staged, config, staging)
+        for entry in staged["shards"]:  # continue after the last intact shard
             if not _intact(staging, entry):
                 break
             shards.append(entry)
@@ -228,7 +228,8 @@ def write_feature_shards(backbone, shard_patterns, out_dir, kind="faces", batch_
                                   dict(config, shards=shards, num_records=end, complete=False))
 
     pending, index, maps_by_source = [], start, {}
-    bar = tqdm.tqdm(total=total, initial=start, desc=f"feature maps ({kind})", unit="record", disable=not progress)
+    bar = progress_lib.bar(total=total, initial=start, description=f"feature maps ({kind})", unit="record",
+                           show=progress)
     # The backbone's input size: the faces of the shards must have it.
     for batch in _source_batches(scan, kind, batch_size, start, tuple(backbone.input_shape[1:])):
         batch = {key: value.numpy() for key, value in batch.items()}

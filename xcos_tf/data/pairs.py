@@ -87,6 +87,15 @@ def read_lfw_pairs(pairs_path):
     return pairs
 
 
+def spread_subset(count, max_count):
+    """Indices of at most `max_count` of `count` items, evenly spread (in a pairs file: every
+    fold, both kinds of pair; in a sorted image list: most identities), or all of them when
+    `max_count` is None."""
+    if max_count is None or max_count >= count:
+        return np.arange(count)
+    return np.unique(np.linspace(0, count - 1, max_count).round().astype(int))
+
+
 def people_in_pairs(pairs):
     """Every identity named by these pairs (for keeping them out of training data)."""
     return sorted({p.name_a for p in pairs} | {p.name_b for p in pairs})

@@ -13,9 +13,9 @@ import multiprocessing
 import os
 
 import numpy as np
-import tqdm
 from absl import logging
 
+from xcos_tf import progress as progress_lib
 from xcos_tf.data import align, pairs as pairs_lib, prepare, records
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -92,8 +92,7 @@ def _prepare_all(settings, items, num_workers):
 
 
 def _progress(iterable, total, initial, description, show):
-    return tqdm.tqdm(iterable, total=total, initial=initial, desc=description, unit="img",
-                     disable=not show, dynamic_ncols=True)
+    return progress_lib.bar(iterable, total=total, initial=initial, description=description, unit="img", show=show)
 
 
 # === Shard sets that survive interruption ===
@@ -340,9 +339,10 @@ def _write_pairs(pair_list, images, out_dir, settings, config, shard_mb, num_wor
 
 
 def make_lfw_pair_shards(pairs_path, images_dir, out_dir, settings, shard_mb=100.0, num_workers=None,
-                         prefix="pairs", overwrite=False, progress=True):
-    """Pair shards from an LFW pairs file and its image folder. Returns the manifest."""
-    pair_list = pairs_lib.read_lfw_pairs(pairs_path)
+                         prefix="pairs", overwrite=False, progress=True, max_pairs=None):
+    """Pair shards from an LFW pairs file and its image folder (`max_pairs`: at most this
+    many, evenly spread, for quick trials). Returns the manifest."""
+    pair_list = _at_most(pairs_lib.read_lfw_pairs(pairs_path), max_pairs)
     if not os.path.isdir(images_dir):
         raise FileNotFoundError(f"--input: no such image folder {images_dir!r}")
     names = sorted({p.path_a for p in pair_list} | {p.path_b for p in pair_list})
@@ -350,14 +350,24 @@ def make_lfw_pair_shards(pairs_path, images_dir, out_dir, settings, shard_mb=100
         "source": os.fspath(pairs_path),
         "images": os.fspath(images_dir),
         "pairs_sha256": records.sha256_file(pairs_path),
+        **_max_pairs_config(max_pairs),
     }
     config = _base_config("pairs", settings, input_config, shard_mb, prefix)
     images = {name: os.path.join(images_dir, name) for name in names}
     return _write_pairs(pair_list, images, out_dir, settings, config, shard_mb, num_workers, overwrite, progress)
 
 
+def _at_most(pair_list, max_pairs):
+    return [pair_list[i] for i in pairs_lib.spread_subset(len(pair_list), max_pairs)]
+
+
+def _max_pairs_config(max_pairs):
+    # Only when set: the manifests of full pair sets made before the flag stay as they were.
+    return {} if max_pairs is None else {"max_pairs": max_pairs}
+
+
 def make_bin_pair_shards(bin_path, out_dir, settings, shard_mb=100.0, num_workers=None,
-                         prefix="pairs", overwrite=False, progress=True, num_folds=10):
+                         prefix="pairs", overwrite=False, progress=True, num_folds=10, max_pairs=None):
     """Pair shards from an insightface `.bin` (aligned crops, folds as insightface's KFold)."""
     # insightface .bin files hold aligned 112x112 crops: no detection.
     settings = dataclasses.replace(settings, assume_aligned=True)
@@ -370,6 +380,8 @@ def make_bin_pair_shards(bin_path, out_dir, settings, shard_mb=100.0, num_worker
                        f"{base}/{2 * i + 1:06d}", bool(same), int(fold))
         for i, (same, fold) in enumerate(zip(is_same, folds))
     ]
-    input_config = {"source": os.fspath(bin_path), "bin_sha256": records.sha256_file(bin_path)}
+    pair_list = _at_most(pair_list, max_pairs)
+    input_config = {"source": os.fspath(bin_path), "bin_sha256": records.sha256_file(bin_path),
+                    **_max_pairs_config(max_pairs)}
     config = _base_config("pairs", settings, input_config, shard_mb, prefix)
     return _write_pairs(pair_list, images, out_dir, settings, config, shard_mb, num_workers, overwrite, progress)

@@ -15,9 +15,9 @@ import os
 import sys
 import types
 
-from absl import app, flags
+from absl import flags
 
-from xcos_tf import explain, runtime
+from xcos_tf import cli, explain, runtime
 from xcos_tf.gallery import enroll as enroll_lib, index as index_lib, search as search_lib
 
 COMMANDS = ("enroll", "search")
@@ -136,4 +136,4 @@ def main(argv, args):
 
 def run():
     args = define_flags()
-    app.run(lambda argv: main(argv, args))
+    cli.run(lambda argv: main(argv, args))

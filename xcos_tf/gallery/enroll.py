@@ -6,11 +6,10 @@ reject with its reason, never a failure. Photos already in the index, enrolled o
 skipped, so running again after adding photos embeds only the new ones.
 """
 import os
-import sys
 
 import numpy as np
-import tqdm
 
+from xcos_tf import progress as progress_lib
 from xcos_tf.gallery import index as index_lib
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -44,8 +43,7 @@ def embed_faces(model, photos, progress=True):
         grids.append(outputs["grid"])
         batch.clear()
 
-    for identity, photo in tqdm.tqdm(photos, desc="enrolling", unit="photo", file=sys.stderr,
-                                     disable=not progress, mininterval=2.0):
+    for identity, photo in progress_lib.bar(photos, description="enrolling", unit="photo", show=progress):
         try:
             face, _ = model.align(photo, label=photo)
         except ValueError as err:  # ImageError, FaceError: the reason names the photo

@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from xcos_tf import export as xcos_export
+from xcos_tf import export as xcos_export, progress
 from xcos_tf.training.evaluator import Evaluator
 from xcos_tf.training.factory import build_model, configure_cpu_devices, is_chief, make_strategy
 from xcos_tf.training.in_graph_teacher import load_teacher, teacher_cosine
@@ -118,7 +118,7 @@ def _train(config, strategy, chief, run):
     train_step = make_train_step(strategy, trainer, teacher, on_feature_maps=bool(caches), jit_compile=config.jit_compile)
     evaluator = Evaluator(config) if config.eval_pairs and chief else None
     history = {"step": [], "loss": [], "ce_loss": [], "xcos_loss": []}
-    progbar = keras.utils.Progbar(config.train_steps, verbose=1 if chief else 0, stateful_metrics=["lr"])
+    progbar = progress.step_bar(config.train_steps, show=chief, stateful_metrics=["lr"])
     start_time, start_step = time.time(), int(step.numpy())
     with run.summary_writer.as_default():
         while int(step.numpy()) < config.train_steps:
