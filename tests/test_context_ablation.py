@@ -83,12 +83,12 @@ def test_table_of_contexts_and_attentions(data):
     lines = result.stdout.splitlines()
     assert lines[0].startswith("machine: ") and "CPU" in lines[0]
     assert lines[1].startswith("versions: ") and "tensorflow" in lines[1] and "keras" in lines[1]
-    header = next(line for line in lines if line.startswith("pairs"))
+    header = next(line for line in lines if line.startswith("pairs ") and "context" in line)
     assert header.split()[2:] == ["context", "uniform", "prior", "teacher", "spread", "dark", "band"]
     rows = [ROW.match(line) for line in lines]
     rows = {float(m.group(3)): m for m in rows if m}
     assert sorted(rows) == [0.0, 0.2, 1000.0]
-    assert {int(m.group(2)) for m in rows.values()} == {60}
+    assert {(m.group(1), int(m.group(2))) for m in rows.values()} == {("pairs", 60)}  # the set's folder, its pairs
     teacher = {float(m.group(6)) for m in rows.values()}
     assert len(teacher) == 1  # one teacher figure per pair set
     # Every cell sees the whole face: the cos_map is flat and the score is the (centred) teacher's cosine.
