@@ -6,6 +6,7 @@ embedding, so xCos must then score exactly as that teacher does."""
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -16,7 +17,8 @@ import pytest
 
 import tiny_onnx_tails
 from test_train_positionwise import IMAGE_SHAPE, _training_faces, tiny_face_model_112
-from xcos_tf.data import align, records
+from xcos_tf import backbones
+from xcos_tf.data import align, features, records
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 ROW = re.compile(r"^(\S+)\s+(\d+)\s+(\S+)\s+([\d.]+)%\s+([\d.]+)%\s+([\d.]+)%\s+([\d.]+)\s+([\d.]+)%$")
@@ -101,12 +103,24 @@ def test_table_of_contexts_and_attentions(data):
     assert "(chance 25.00%)" in result.stdout
 
 
-def test_max_pairs_and_bad_input(data):
-    args = [f"--teacher={data / 'tiny.onnx'}", f"--train_shards={data / 'faces' / '*.tfrecord'}", "--contexts=0",
-            "--centre_faces=4"]
-    result = _run(*args, f"--pairs={data / 'pairs' / '*.tfrecord'}", "--max_pairs=20")
+def test_max_pairs_band_pairs_and_the_trainers_feature_cache(data, tmp_path):
+    # The trainer's layout: SHARDS_ROOT/faces/ and its cache in SHARDS_ROOT/feature_cache/.
+    shutil.copytree(data / "faces", tmp_path / "faces")
+    body = backbones.from_onnx(str(data / "tiny.onnx"), input_shape=IMAGE_SHAPE)
+    features.write_feature_shards(body, str(tmp_path / "faces"), str(tmp_path / "feature_cache" / "00_faces"),
+                                  progress=False)
+    result = _run(f"--teacher={data / 'tiny.onnx'}", f"--train_shards={tmp_path / 'faces' / '*.tfrecord'}",
+                  "--contexts=0", "--centre_faces=4", f"--pairs={data / 'pairs' / '*.tfrecord'}", "--max_pairs=20",
+                  "--band_pairs=3")
     assert result.returncode == 0, result.stderr
     assert [int(m.group(2)) for m in map(ROW.match, result.stdout.splitlines()) if m] == [20]
+    assert f"(maps from {tmp_path / 'feature_cache' / '00_faces'})" in result.stdout
+    assert "same-person pairs (pairs 3)" in result.stdout
+
+
+def test_bad_input_exits_2_with_one_line(data):
+    args = [f"--teacher={data / 'tiny.onnx'}", f"--train_shards={data / 'faces' / '*.tfrecord'}", "--contexts=0",
+            "--centre_faces=4"]
     result = _run(*args, f"--pairs={data / 'faces' / '*.tfrecord'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.splitlines()[-1].startswith("error: ") and "holds face records, not pair records" in result.stderr

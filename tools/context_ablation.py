@@ -13,13 +13,16 @@ the whole face's centred embedding) and each attention (uniform; the norm-produc
 - spread: the mean over pairs of the std of the cos_map over its cells (a large context
   makes every cell the whole face, so the map says nothing: spread -> 0);
 - dark band: a dark band (pixel rows 40..61 set to 20) pasted over both eyes of face B of
-  every same-person pair; the share of those pairs whose lowest-cos cell lies in the cell
-  rows the band covers at least half (rows 2..3 of 7: chance 14/49).
+  same-person pairs (up to `--band_pairs`, evenly spread); the share of those pairs whose
+  lowest-cos cell lies in the cell rows the band covers at least half (rows 2..3 of 7:
+  chance 14/49).
 
 The body maps of the pair faces are computed once per run (each distinct face once, float16
-in memory) with the teacher's body imported by `backbones.from_onnx`; `--feature_cache`
-takes the training faces' maps for the centring from the trainer's feature caches
-(`--cache_backbone_features`) instead of running the body on them.
+in memory) with the teacher's body imported by `backbones.from_onnx`. The centring takes the
+training faces' maps from the trainer's feature caches (`--cache_backbone_features`) when
+there are complete ones of exactly the --train_shards files and this body (`--feature_cache`,
+or found in SHARDS_ROOT/feature_cache/), else runs the body on them: on a busy 2-core CPU the
+body does about 20-35 faces per second, so the caches save minutes.
 
     python -m tools.context_ablation --teacher=../shared/models/teacher_mobilefacenet.onnx \
         --train_shards='shards/default/train/*.tfrecord' \
@@ -51,12 +54,16 @@ BATCH_SIZE = 64
 def define_flags():
     flags.DEFINE_string("teacher", None, "The face model (ONNX) whose body and linear tail make the head.")
     flags.DEFINE_list("train_shards", [], "Glob patterns of the training face shards (the centring faces).")
-    flags.DEFINE_list("feature_cache", [], "Feature cache folders of those shards (--cache_backbone_features); "
-                      "empty: run the body on the training faces.")
+    flags.DEFINE_list("feature_cache", [], "Feature cache folders of those shards (--cache_backbone_features). "
+                      "Empty: the complete caches in SHARDS_ROOT/feature_cache/ (beside the shards' folder) whose "
+                      "sources are exactly the --train_shards files and whose maps are this body's, else the body "
+                      "is run on the training faces.")
     flags.DEFINE_list("pairs", None, "Pair shard globs; each is one evaluation set (e.g. validation pairs, LFW pairs).")
     flags.DEFINE_list("contexts", ["0", "0.05", "0.1", "0.2", "0.5", "1"], "Context weights to compare.")
     flags.DEFINE_integer("centre_faces", 5000, "Centre each cell on at most this many training faces (and mirrors).",
                          lower_bound=1)
+    flags.DEFINE_integer("band_pairs", 1000, "Dark band on at most this many same-person pairs of each set, evenly "
+                         "spread (0: all).", lower_bound=0)
     flags.DEFINE_integer("max_pairs", None, "At most this many pairs of each set, evenly spread over the folds.",
                          lower_bound=20)
     flags.mark_flags_as_required(["teacher", "pairs"])
@@ -114,18 +121,39 @@ def body_maps(body, faces, batch_size=BATCH_SIZE):
                            for start in range(0, len(faces), batch_size)])
 
 
-def load_pair_maps(body, pattern, max_pairs):
+def load_pair_maps(body, pattern, max_pairs, band_pairs):
     """One evaluation set: its pairs (`evaluate.PairSet`), the body map of each face (index
-    `face_of[j]` for face j), and the maps of face B of each same-person pair under the band."""
+    `face_of[j]` for face j), the same-person pairs under the band (up to `band_pairs`, evenly
+    spread; 0: all) and the maps of their face B under it."""
     from xcos_tf import evaluate
 
     pairs = evaluate.load_pair_shards(pattern, max_pairs)
     faces, face_of = distinct_faces(pairs.faces)
     same = np.flatnonzero(pairs.is_same)
-    banded = pairs.faces[pairs.index_b[same]].copy()
+    banded_pairs = same[evaluate.spread_subset(len(same), band_pairs or None)]
+    banded = pairs.faces[pairs.index_b[banded_pairs]].copy()
     banded[:, BAND_ROWS[0]:BAND_ROWS[1]] = BAND_LEVEL
-    _log(f"{pattern}: {len(pairs)} pairs, {len(faces)} distinct faces + {len(same)} banded faces B: body maps")
-    return pairs, body_maps(body, faces), face_of, body_maps(body, banded)
+    _log(f"{pattern}: {len(pairs)} pairs, {len(faces)} distinct faces + {len(banded)} banded faces B: body maps")
+    return pairs, body_maps(body, faces), face_of, banded_pairs, body_maps(body, banded)
+
+
+def find_feature_caches(train_files, body):
+    """The trainer's complete feature caches in SHARDS_ROOT/feature_cache/ (beside the folders of
+    `train_files`) that together hold exactly those files' maps under `body`; None if there are none."""
+    from xcos_tf.data import features
+
+    wanted = {os.path.realpath(path) for path in train_files}
+    roots = sorted({os.path.join(os.path.dirname(os.path.dirname(path)), "feature_cache") for path in wanted})
+    caches, covered = [], set()
+    for cache in sorted(os.path.join(root, name) for root in roots if os.path.isdir(root) for name in os.listdir(root)):
+        try:
+            sources = set(features.check_cache(cache, body, kind="faces")["source_files"])
+        except (OSError, ValueError, KeyError):
+            continue  # not a cache, incomplete, or of other weights
+        if sources <= wanted and not sources & covered:
+            caches.append(cache)
+            covered |= sources
+    return caches if caches and covered == wanted else None
 
 
 def band_coverage(cells, size):
@@ -188,9 +216,8 @@ def ablate(heads, comparers, pair_set):
     from xcos_tf import metrics, scoring
     from xcos_tf.evaluate import localisation_rate
 
-    pairs, maps, face_of, banded_maps = pair_set
+    pairs, maps, face_of, banded_pairs, banded_maps = pair_set
     folds = pairs.folds if len(np.unique(pairs.folds)) >= 2 else 10
-    same = np.flatnonzero(pairs.is_same)
     index_a, index_b = face_of[pairs.index_a], face_of[pairs.index_b]
     teacher = None
     if pairs.teacher_cos is not None:
@@ -204,9 +231,10 @@ def ablate(heads, comparers, pair_set):
             row["accuracy"][name] = metrics.k_fold_accuracy(outputs["score"], pairs.is_same, folds).mean
         cos_maps = outputs["cos_map"]  # the same for every attention
         row["spread"] = float(cos_maps.reshape(len(cos_maps), -1).std(axis=1).mean())
-        banded = scoring.compare_grids(comparer, grids[index_a[same]], grids_of(head, banded_maps))["cos_map"]
+        banded = scoring.compare_grids(comparer, grids[index_a[banded_pairs]], grids_of(head, banded_maps))["cos_map"]
         coverage = np.broadcast_to(band_coverage(banded.shape[1:], pairs.faces.shape[1]), banded.shape)
         row["band"], row["band_chance"] = localisation_rate(banded, coverage)
+        row["band_pairs"] = len(banded_pairs)
         rows.append(row)
     return rows
 
@@ -230,10 +258,11 @@ def format_table(results):
                 + f" {teacher:>9} {row['spread']:8.4f} {100 * row['band']:9.2f}%"
             )
     chance = results[0][2][0]["band_chance"] if results and results[0][2] else float("nan")
+    band_pairs = ", ".join(f"{name} {rows[0]['band_pairs']}" for name, _, rows in results if rows)
     lines.append(f"accuracy: 10-fold (the shards' folds); attention uniform / prior = norm-product prior, learned part "
                  f"at zero init; spread: mean per-pair std of the cos_map over cells; dark band: rows "
-                 f"{BAND_ROWS[0]}..{BAND_ROWS[1] - 1} = {BAND_LEVEL} on face B of same-person pairs, share whose "
-                 f"lowest-cos cell is under it (chance {100 * chance:.2f}%)")
+                 f"{BAND_ROWS[0]}..{BAND_ROWS[1] - 1} = {BAND_LEVEL} on face B of same-person pairs ({band_pairs}), share "
+                 f"whose lowest-cos cell is under it (chance {100 * chance:.2f}%)")
     return "\n".join(lines)
 
 
@@ -251,7 +280,7 @@ def main(argv):
         raise cli.UserError("--train_shards (or --feature_cache) is required: the centring faces")
     start = time.time()
     from xcos_tf import backbones
-    from xcos_tf.data import features
+    from xcos_tf.data import features, pipeline
     from xcos_tf.training import config as train_config, inputs
 
     try:
@@ -264,10 +293,13 @@ def main(argv):
     try:
         for cache in FLAGS.feature_cache:
             features.check_cache(cache, body, kind="faces")
+        caches = FLAGS.feature_cache or find_feature_caches(pipeline.list_shards(FLAGS.train_shards), body)
         run_body = compiled_body(body)
-        pair_sets = [(pattern, load_pair_maps(run_body, pattern, FLAGS.max_pairs)) for pattern in FLAGS.pairs]
-        _log(f"centring on up to {FLAGS.centre_faces} training faces and their mirror images")
-        heads = make_heads(tail, inputs.centring_maps(centring, run_body, FLAGS.feature_cache or None), contexts)
+        pair_sets = [(pattern, load_pair_maps(run_body, pattern, FLAGS.max_pairs, FLAGS.band_pairs))
+                     for pattern in FLAGS.pairs]
+        _log(f"centring on up to {FLAGS.centre_faces} training faces and their mirror images "
+             f"({'cached maps of ' + ', '.join(caches) if caches else 'body maps'})")
+        heads = make_heads(tail, inputs.centring_maps(centring, run_body, caches), contexts)
     except (OSError, ValueError) as error:
         raise cli.UserError(str(error).splitlines()[0]) from None
     comparers = make_comparers(tuple(heads[contexts[0]].compute_output_shape((None, *tail.grid_shape, 1))[1:]))
@@ -279,7 +311,7 @@ def main(argv):
     print(f"versions: {versions()}")
     print(f"pairs: {', '.join(FLAGS.pairs)}")
     print(f"teacher: {FLAGS.teacher}; centred on up to {FLAGS.centre_faces} faces of {','.join(FLAGS.train_shards)}"
-          + (f" (maps from {','.join(FLAGS.feature_cache)})" if FLAGS.feature_cache else ""))
+          + (f" (maps from {','.join(caches)})" if caches else ""))
     print(format_table(results))
     print(f"took {time.time() - start:.0f} s")
 
