@@ -6,32 +6,22 @@ import os
 import zipfile
 
 import keras
-import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
 
 from common_testing import TINY_BACKBONE_SPEC
+from test_train import IMAGE_SHAPE, data_dir  # noqa: F401 (a fixture: the same tiny shards)
 from training_testing import run_python
-from xcos_tf.data import align, records
 from xcos_tf.training import config as train_config, loop, run_folder
-
-IMAGE_SHAPE = (32, 32, 3)
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """Face shards, pair shards, and model files that must be refused."""
+def files(tmp_path_factory, data_dir):
+    """test_train's face and pair shards, a file, and model files that must be refused."""
     root = tmp_path_factory.mktemp("start_errors")
-    records.write_synthetic_shards(str(root / "faces"), num_shards=1, records_per_shard=8, num_classes=2,
-                                   image_shape=IMAGE_SHAPE)
-    rng = np.random.default_rng(0)
-    os.makedirs(root / "pairs")
-    records.write_shard(str(root / "pairs" / records.shard_name("pairs", 0)), [
-        records.encode_pair_example(*(align.encode_image(rng.integers(0, 256, IMAGE_SHAPE, dtype=np.uint8), "png")
-                                      for _ in range(2)), "png", i % 2 == 0, i // 2, "a", "b", "a.png", "b.png")
-        for i in range(20)
-    ])
+    for name in ("faces", "pairs"):
+        os.symlink(data_dir / name, root / name)
     (root / "a_file").write_text("not a folder")
 
     inputs = keras.Input(IMAGE_SHAPE)

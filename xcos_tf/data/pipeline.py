@@ -166,34 +166,6 @@ def _num_classes_from_manifests(manifests, labels):
     return int(labels.max()) + 1 if len(labels) else 0
 
 
-def record_kind(path):
-    """What the first record of a shard file is: "faces", "pairs", "feature maps" (a feature
-    cache, `xcos_tf.data.features`), "unknown", or None (empty or unreadable: the scan says why)."""
-    try:
-        serialized = next(iter(tf.data.TFRecordDataset(path).take(1)), None)
-        if serialized is None:
-            return None
-        keys = set(tf.train.Example.FromString(serialized.numpy()).features.feature)
-    except (tf.errors.OpError, ValueError):
-        return None
-    if records.PAIR_KEYS["image_a"] in keys:
-        return "pairs"
-    if records.FACE_KEYS["image_encoded"] in keys:
-        return "faces"
-    if any(key.startswith("feature/") for key in keys):
-        return "feature maps"
-    return "unknown"
-
-
-def _check_kind(path, kind):
-    found = record_kind(path)
-    if found not in (None, kind):
-        noun = {"faces": "face records", "pairs": "pair records", "feature maps": "cached feature maps (a feature cache)",
-                "unknown": "records of an unknown kind"}
-        raise ValueError(f"{path} holds {noun[found]}, not {noun[kind]}: give "
-                         f"{'training face' if kind == 'faces' else 'evaluation pair'} shards (tools/make_shards.py)")
-
-
 def scan_shards(file_patterns, kind="faces", skip_corrupt=False, num_classes=None):
     """Reads every record's label and teacher length once and checks the shards: records of
     another kind (face records given as pairs, a feature cache) raise a `ValueError` naming it.
@@ -215,7 +187,7 @@ def scan_shards(file_patterns, kind="faces", skip_corrupt=False, num_classes=Non
     manifests = _manifests_for(files)
     counts, all_labels, all_dims, corrupt = [], [], [], []
     for path in files:
-        _check_kind(path, kind)  # before the scan, which would read pair records as faces without labels
+        records.check_record_kind(path, kind)  # before the scan, which would read pair records as unlabelled faces
         manifest = manifests[os.path.dirname(path)] or {}
         expected = {s["file"]: s["records"] for s in manifest.get("shards", [])}.get(os.path.basename(path))
         try:
