@@ -17,7 +17,7 @@ from xcos_tf.training import config as train_config, loop, run_folder
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, data_dir):
+def files(tmp_path_factory, data_dir):  # noqa: F811 (the imported fixture)
     """test_train's face and pair shards, a file, and model files that must be refused."""
     root = tmp_path_factory.mktemp("start_errors")
     for name in ("faces", "pairs"):

@@ -180,7 +180,7 @@ def make_heads(tail, centre_batches, contexts):
     (the centre does not depend on the context), with each context weight."""
     from xcos_tf import layers
 
-    cells, in_channels, width = tail.cell_weights.shape
+    _, in_channels, width = tail.cell_weights.shape
     map_shape = (None, *tail.grid_shape, in_channels)
     heads = {}
     for context in contexts:
