@@ -167,7 +167,8 @@ def _num_classes_from_manifests(manifests, labels):
 
 
 def scan_shards(file_patterns, kind="faces", skip_corrupt=False, num_classes=None):
-    """Reads every record's label and teacher length once and checks the shards.
+    """Reads every record's label and teacher length once and checks the shards: records of
+    another kind (face records given as pairs, a feature cache) raise a `ValueError` naming it.
 
     Args:
         file_patterns: str or list, glob patterns or shard folders.
@@ -186,6 +187,7 @@ def scan_shards(file_patterns, kind="faces", skip_corrupt=False, num_classes=Non
     manifests = _manifests_for(files)
     counts, all_labels, all_dims, corrupt = [], [], [], []
     for path in files:
+        records.check_record_kind(path, kind)  # before the scan, which would read pair records as unlabelled faces
         manifest = manifests[os.path.dirname(path)] or {}
         expected = {s["file"]: s["records"] for s in manifest.get("shards", [])}.get(os.path.basename(path))
         try:

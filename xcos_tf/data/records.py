@@ -169,6 +169,36 @@ def decode_pair(serialized):
     return _decode(serialized, _PAIR_FEATURES, PAIR_KEYS)
 
 
+def record_kind(path):
+    """What the first record of a shard file is: "faces", "pairs", "feature maps" (a feature
+    cache, `xcos_tf.data.features`), "unknown", or None (empty or unreadable: the scan says why)."""
+    try:
+        serialized = next(iter(tf.data.TFRecordDataset(path).take(1)), None)
+        if serialized is None:
+            return None
+        keys = set(tf.train.Example.FromString(serialized.numpy()).features.feature)
+    except (tf.errors.OpError, ValueError):
+        return None
+    if PAIR_KEYS["image_a"] in keys:
+        return "pairs"
+    if FACE_KEYS["image_encoded"] in keys:
+        return "faces"
+    if any(key.startswith("feature/") for key in keys):
+        return "feature maps"
+    return "unknown"
+
+
+def check_record_kind(path, kind):
+    """Raises `ValueError` naming what the shard file at `path` holds unless it is `kind`
+    ("faces" or "pairs") records."""
+    found = record_kind(path)
+    if found not in (None, kind):
+        noun = {"faces": "face records", "pairs": "pair records", "feature maps": "cached feature maps (a feature cache)",
+                "unknown": "records of an unknown kind"}
+        raise ValueError(f"{path} holds {noun[found]}, not {noun[kind]}: give "
+                         f"{'training face' if kind == 'faces' else 'evaluation pair'} shards (tools/make_shards.py)")
+
+
 def sha256_file(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:

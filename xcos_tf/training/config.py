@@ -218,6 +218,8 @@ class TrainConfig:
         """Raises `ConfigError` naming the flag for a bad or inconsistent value; no graph is built."""
         if not self.model_dir:
             raise ConfigError("model_dir", "is required")
+        for name in ("model_dir", "feature_cache_dir", "export_dir"):
+            _check_folder_path(name, getattr(self, name))
         if self.data == "shards":
             if not self.train_shards:
                 raise ConfigError("train_shards", "is required with --data=shards")
@@ -315,6 +317,18 @@ def define_flags(flag_values=flags.FLAGS):
         else:
             flags.DEFINE_string(field.name, field.default, meta["help"], flag_values=flag_values)
     return flag_values
+
+
+def _check_folder_path(flag, path):
+    """A folder to create or reuse: refuses a path that is, or lies under, a file (local paths only)."""
+    if not path or "://" in path:
+        return
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == os.path.abspath(path) else f"lies under the file {existing!r}"
+        raise ConfigError(flag, f"must be a folder: {path!r} {where}")
 
 
 def _check_globs(flag, patterns):

@@ -48,9 +48,12 @@ def build_backbone(config):
     input_shape = (config.image_size, config.image_size, 3)
     kind, path = init_backbone_kind(config.init_backbone) if config.init_backbone else (None, "")
     if kind == "onnx":
-        return backbones.from_onnx(path, feature_map=config.onnx_feature_map or None, input_shape=input_shape)
+        try:
+            return backbones.from_onnx(path, feature_map=config.onnx_feature_map or None, input_shape=input_shape)
+        except (OSError, ValueError) as error:
+            raise ConfigError("init_backbone", f"cannot import {path!r}: {_one_line(error)}") from None
     if kind == "keras":
-        return keras.saving.load_model(path, compile=False)
+        return load_model_file("init_backbone", path)
     if ":" in config.backbone:
         module_name, function_name = config.backbone.split(":")
         backbone = getattr(importlib.import_module(module_name), function_name)(input_shape=input_shape)
@@ -129,7 +132,7 @@ def read_teacher_tail(config, backbone):
 
 def _copy_trained_weights(path, trainer):
     """--init_from: the weights of a saved XCosTrainer's parts, each checked against this run's."""
-    source = keras.saving.load_model(path, compile=False)
+    source = load_model_file("init_from", path)
     if not isinstance(source, xcos_model.XCosTrainer):
         raise ConfigError("init_from", f"{path!r} holds a {type(source).__name__}, not an XCosTrainer")
     for part in ("backbone", "grid_head", "xcos", "margin_head"):
@@ -145,6 +148,26 @@ def _copy_trained_weights(path, trainer):
         for source_weight, target_weight in zip(source_weights, target_weights):
             target_weight.assign(source_weight)
     logging.info("Started from the weights in %s.", path)
+
+
+def load_model_file(flag, path):
+    """A `.keras` model of the --`flag` file, loaded in safe mode (no Python code of the file runs);
+    a file Keras refuses (a Lambda layer, a class it does not know, a damaged file) raises
+    `ConfigError` naming the flag."""
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except (OSError, ValueError, TypeError) as error:
+        raise ConfigError(flag, f"cannot load {path!r}: {_one_line(error)}") from None
+
+
+def _one_line(error):
+    """The gist of a loader's error: Keras wraps the cause after 'Exception encountered:' and
+    adds the whole config, the Lambda refusal spans several sentences."""
+    message = str(error).split("Exception encountered:", 1)[-1].strip()
+    if "deserialization of a `Lambda` layer" in message:
+        return "it holds a Lambda layer with Python code, which safe loading refuses (it could run any code)"
+    message = (message.splitlines() or [type(error).__name__])[0]
+    return message.split(". Make sure", 1)[0].rstrip(".")
 
 
 def make_optimizer(config, name, learning_rate):

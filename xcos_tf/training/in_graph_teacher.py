@@ -3,13 +3,19 @@
 import keras
 import tensorflow as tf
 
+from xcos_tf.training.config import ConfigError
+from xcos_tf.training.factory import load_model_file
+
 
 def load_teacher(path):
     """A frozen in-graph teacher: SavedModel folder or `.keras` model, RGB 0..255 faces -> embedding."""
     if path.endswith(".keras"):
-        teacher = keras.saving.load_model(path, compile=False)
+        teacher = load_model_file("teacher", path)
     else:
-        teacher = keras.layers.TFSMLayer(path, call_endpoint="serving_default")
+        try:
+            teacher = keras.layers.TFSMLayer(path, call_endpoint="serving_default")
+        except (OSError, ValueError) as error:
+            raise ConfigError("teacher", f"cannot load the SavedModel {path!r}: {str(error).splitlines()[0]}") from None
     teacher.trainable = False
     return teacher
 

@@ -40,7 +40,9 @@ class RunFolder:
                     tf.io.gfile.rmtree(path)
                 elif tf.io.gfile.exists(path):
                     tf.io.gfile.remove(path)
-        if tf.io.gfile.exists(params_path) and not config.overwrite:
+        # A run that never reached its first checkpoint (it failed to start: a bad model file,
+        # say) has nothing to resume: the corrected command takes its place, params.json included.
+        if tf.io.gfile.exists(params_path) and not config.overwrite and started(self.checkpoint_dir):
             check_same_run(TrainConfig.from_json(params_path), config, params_path)
         if chief:
             self.write_dir = self.model_dir
@@ -77,6 +79,11 @@ class RunFolder:
         self.summary_writer.close()
         if not self.chief:
             shutil.rmtree(self.write_dir, ignore_errors=True)
+
+
+def started(checkpoint_dir):
+    """Whether the run of this checkpoint folder has saved a checkpoint (it really started)."""
+    return tf.train.latest_checkpoint(checkpoint_dir) is not None
 
 
 def sweep_worker_dirs(temp_dir=None):
