@@ -35,8 +35,9 @@ INT8_NOTE = (
 )
 
 
-def signature_specs(verifier):
-    """The inputs and outputs of every signature: names, shapes (dynamic batch), dtypes."""
+def signature_specs(verifier, decompose=False):
+    """The inputs and outputs of every signature: names, shapes (dynamic batch), dtypes
+    (with `decompose`, the teacher's decomposition too)."""
     image_shape = tuple(verifier.embed.input["image"].shape[1:])
     grid_shape = tuple(verifier.embed.output["grid"].shape[1:])
     image = {"shape": [None, *image_shape], "dtype": "float32"}
@@ -47,11 +48,22 @@ def signature_specs(verifier):
         "attention_map": {"shape": [None, *grid_shape[:2]], "dtype": "float32"},
     }
     embedding = {"shape": [None, int(np.prod(grid_shape))], "dtype": "float32"}
-    return {
+    specs = {
         "verify": {"inputs": {"image_a": image, "image_b": image}, "outputs": maps},
         "embed": {"inputs": {"image": image}, "outputs": {"embedding": embedding, "grid": grid}},
         "compare": {"inputs": {"grid_a": grid, "grid_b": grid}, "outputs": maps},
     }
+    if decompose:
+        specs["decompose"] = {
+            "inputs": {"image_a": image, "image_b": image},
+            "outputs": {
+                "score": {"shape": [None], "dtype": "float32"},
+                "contribution_map": {"shape": [None, *grid_shape[:2]], "dtype": "float32"},
+                "bias": {"shape": [None], "dtype": "float32"},
+            },
+            "note": "the original teacher's cosine (score) split exactly: score == sum(contribution_map) + bias",
+        }
+    return specs
 
 
 def pixel_normalisation(verifier):
@@ -108,10 +120,14 @@ def file_digests(root):
     return digests
 
 
-def build_manifest(verifier, name, formats, threshold, far, calibration_count, int8_summary, sample_note):
-    """The manifest.json of an export (without "files", added once every file is written)."""
+def build_manifest(verifier, name, formats, threshold, far, calibration_count, int8_summary, sample_note, teacher=None):
+    """The manifest.json of an export (without "files", added once every file is written).
+
+    `teacher`: None, or {"onnx", "sha256", "shares_xcos_body"} of the teacher whose cosine the
+    `decompose` signature splits (SavedModel and ONNX only)."""
     xcos = next(layer for layer in verifier.compare.layers if isinstance(layer, layers.XCosLayer))
-    specs = signature_specs(verifier)
+    specs = signature_specs(verifier, teacher is not None)
+    decompose = ("decompose",) if teacher is not None else ()
     image_shape = specs["embed"]["inputs"]["image"]["shape"][1:]
     grid_shape = specs["embed"]["outputs"]["grid"]["shape"][1:]
     files = {}
@@ -121,19 +137,22 @@ def build_manifest(verifier, name, formats, threshold, far, calibration_count, i
             "signatures": {
                 "verify": "verify", "embed": "embed", "compare": "compare",
                 "serving_default": "verify", "verify_uint8": "verify with uint8 inputs",
+                **{signature: signature for signature in decompose},
             },
             "tf_serving": {"models_config": "models.config", "request": "tf_serving_request.json", "model_name": name},
         }
     for tflite_format, suffix in TFLITE_SUFFIXES.items():
         if tflite_format in formats:
             files[tflite_format] = {"path": f"{name}{suffix}.tflite", "signatures": list(SIGNATURES)}
+            if decompose:
+                files[tflite_format]["note"] = "no decompose signature: use the SavedModel or ONNX files"
     if "tflite_int8" in formats:
         files["tflite_int8"]["quantization"] = {
             "scheme": INT8_NOTE, "calibration_faces": calibration_count, **int8_summary
         }
     if "onnx" in formats:
         files["onnx"] = {
-            "signatures": {signature: f"{name}_{signature}.onnx" for signature in SIGNATURES},
+            "signatures": {signature: f"{name}_{signature}.onnx" for signature in SIGNATURES + decompose},
             "opset": ONNX_OPSET,
             "note": "ONNX has one graph per file: one file per signature.",
         }
@@ -159,6 +178,7 @@ def build_manifest(verifier, name, formats, threshold, far, calibration_count, i
         },
         "normalisation": pixel_normalisation(verifier),
         "grid_size": grid_shape[:2],
+        "teacher": teacher,
         "threshold": None if threshold is None else float(threshold),
         "threshold_far": None if far is None else float(far),
         "sample_faces": sample_note,

@@ -12,10 +12,11 @@ def _tensor_specs(inputs, dtype=None):
     return [tf.TensorSpec(spec["shape"], dtype or spec["dtype"], name=name) for name, spec in inputs.items()]
 
 
-def build_archive(verifier):
+def build_archive(verifier, decomposer=None):
     """A `keras.export.ExportArchive` with the signatures verify (= serving_default),
-    verify_uint8, embed and compare, all with a dynamic batch."""
-    specs = signature_specs(verifier)
+    verify_uint8, embed and compare, all with a dynamic batch, and decompose when a
+    `decomposer` (the teacher's `decomposition_model`) is given."""
+    specs = signature_specs(verifier, decomposer is not None)
     archive = keras.export.ExportArchive()
     for model in verifier:
         archive.track(model)
@@ -37,16 +38,25 @@ def build_archive(verifier):
     def compare(grid_a, grid_b):
         return verifier.compare({"grid_a": grid_a, "grid_b": grid_b}, training=False)
 
-    for name, function in [
+    endpoints = [
         ("serving_default", verify), ("verify", verify), ("verify_uint8", verify_uint8),
         ("embed", embed), ("compare", compare),
-    ]:
+    ]
+    if decomposer is not None:
+        archive.track(decomposer)
+
+        @tf.function(input_signature=_tensor_specs(specs["decompose"]["inputs"]))
+        def decompose(image_a, image_b):
+            return decomposer({"image_a": image_a, "image_b": image_b}, training=False)
+
+        endpoints.append(("decompose", decompose))
+    for name, function in endpoints:
         archive.add_endpoint(name, function)
     return archive
 
 
-def write_saved_model(verifier, path):
-    build_archive(verifier).write_out(path, verbose=False)
+def write_saved_model(verifier, path, decomposer=None):
+    build_archive(verifier, decomposer).write_out(path, verbose=False)
 
 
 def models_config(name):
