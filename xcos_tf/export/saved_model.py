@@ -12,6 +12,13 @@ def _tensor_specs(inputs, dtype=None):
     return [tf.TensorSpec(spec["shape"], dtype or spec["dtype"], name=name) for name, spec in inputs.items()]
 
 
+def _shaped(**tensors):
+    """The inputs with their signature shapes asserted before any op runs on them. A signature's
+    placeholder shape is not checked when it is called: a rank-2 image reached oneDNN's conv,
+    which aborted the whole process (issue 16); `ensure_shape` raises InvalidArgumentError."""
+    return {name: tf.ensure_shape(tensor, tensor.shape) for name, tensor in tensors.items()}
+
+
 def build_archive(verifier, decomposer=None):
     """A `keras.export.ExportArchive` with the signatures verify (= serving_default),
     verify_uint8, embed and compare, all with a dynamic batch, and decompose when a
@@ -23,20 +30,20 @@ def build_archive(verifier, decomposer=None):
 
     @tf.function(input_signature=_tensor_specs(specs["verify"]["inputs"]))
     def verify(image_a, image_b):
-        return verifier.verify({"image_a": image_a, "image_b": image_b}, training=False)
+        return verifier.verify(_shaped(image_a=image_a, image_b=image_b), training=False)
 
     @tf.function(input_signature=_tensor_specs(specs["verify"]["inputs"], tf.uint8))
     def verify_uint8(image_a, image_b):
-        images = {"image_a": tf.cast(image_a, tf.float32), "image_b": tf.cast(image_b, tf.float32)}
-        return verifier.verify(images, training=False)
+        images = _shaped(image_a=image_a, image_b=image_b)
+        return verifier.verify({name: tf.cast(image, tf.float32) for name, image in images.items()}, training=False)
 
     @tf.function(input_signature=_tensor_specs(specs["embed"]["inputs"]))
     def embed(image):
-        return verifier.embed({"image": image}, training=False)
+        return verifier.embed(_shaped(image=image), training=False)
 
     @tf.function(input_signature=_tensor_specs(specs["compare"]["inputs"]))
     def compare(grid_a, grid_b):
-        return verifier.compare({"grid_a": grid_a, "grid_b": grid_b}, training=False)
+        return verifier.compare(_shaped(grid_a=grid_a, grid_b=grid_b), training=False)
 
     endpoints = [
         ("serving_default", verify), ("verify", verify), ("verify_uint8", verify_uint8),
@@ -47,7 +54,7 @@ def build_archive(verifier, decomposer=None):
 
         @tf.function(input_signature=_tensor_specs(specs["decompose"]["inputs"]))
         def decompose(image_a, image_b):
-            return decomposer({"image_a": image_a, "image_b": image_b}, training=False)
+            return decomposer(_shaped(image_a=image_a, image_b=image_b), training=False)
 
         endpoints.append(("decompose", decompose))
     for name, function in endpoints:
