@@ -63,6 +63,19 @@ def test_manifest_lists_decompose_where_it_is(exported):
     assert manifest["teacher"]["onnx"] == "tiny_gdconv_112.onnx"
 
 
+def test_onnx_graphs_share_one_weights_file(exported):
+    with open(os.path.join(exported, "manifest.json")) as f:
+        manifest = json.load(f)
+    weights = manifest["formats"]["onnx"]["external_data"]
+    assert weights == ["xcos_onnx_weights.bin"] and weights[0] in manifest["files"]  # sha256-checked by runtime.load
+    copies = 0
+    for file in manifest["formats"]["onnx"]["signatures"].values():
+        model = onnx.load(os.path.join(exported, file))  # reads the shared file by its relative name
+        copies += sum(onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+    # verify, embed and decompose run the same body (and verify/embed the same head): stored once.
+    assert os.path.getsize(os.path.join(exported, weights[0])) < 0.5 * copies
+
+
 @pytest.mark.parametrize("model_format", ["saved_model", "onnx"])
 def test_decompose_is_the_teachers_cosine_split_exactly(exported, model_format):
     image_a, image_b = _pairs()

@@ -186,9 +186,15 @@ def export_model(
             with open(os.path.join(staging, f"{name}{suffix}.tflite"), "wb") as f:
                 f.write(model_bytes)
         if "onnx" in formats:
-            for signature in manifest_module.SIGNATURES + (("decompose",) if decomposer else ()):
+            onnx_files = manifest_module.onnx_files(name, decomposer is not None)
+            for signature, file in onnx_files.items():
                 logging.info("Converting %s to ONNX", signature)
-                onnx.convert_onnx(saved_model_dir, signature, os.path.join(staging, f"{name}_{signature}.onnx"))
+                onnx.convert_onnx(saved_model_dir, signature, os.path.join(staging, file))
+            shared, unshared = onnx.share_weights(
+                [os.path.join(staging, file) for file in onnx_files.values()],
+                os.path.join(staging, manifest_module.onnx_weights_file(name)),
+            )
+            logging.info("ONNX weights: %d bytes shared by the graphs (%d bytes as separate copies)", shared, unshared)
         if model_card:
             shutil.copyfile(model_card, os.path.join(staging, "MODEL_CARD.md"))
         calibration_count = 0 if calibration_images is None else len(calibration_images)

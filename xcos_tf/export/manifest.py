@@ -35,6 +35,16 @@ INT8_NOTE = (
 )
 
 
+def onnx_files(name, decompose=False):
+    """{signature: ONNX file name} of an export."""
+    return {signature: f"{name}_{signature}.onnx" for signature in SIGNATURES + (("decompose",) if decompose else ())}
+
+
+def onnx_weights_file(name):
+    """The external-data file the ONNX graphs share (`onnx.share_weights`)."""
+    return f"{name}_onnx_weights.bin"
+
+
 def signature_specs(verifier, decompose=False):
     """The inputs and outputs of every signature: names, shapes (dynamic batch), dtypes
     (with `decompose`, the teacher's decomposition too)."""
@@ -152,9 +162,13 @@ def build_manifest(verifier, name, formats, threshold, far, calibration_count, i
         }
     if "onnx" in formats:
         files["onnx"] = {
-            "signatures": {signature: f"{name}_{signature}.onnx" for signature in SIGNATURES + decompose},
+            "signatures": onnx_files(name, teacher is not None),
+            "external_data": [onnx_weights_file(name)],
             "opset": ONNX_OPSET,
-            "note": "ONNX has one graph per file: one file per signature.",
+            "note": (
+                "ONNX has one graph per file: one file per signature. Their weights are in one shared "
+                f"external-data file, {onnx_weights_file(name)}, which must stay beside them."
+            ),
         }
     return {
         "name": name,
