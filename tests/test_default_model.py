@@ -17,7 +17,12 @@ MODEL_DIR = os.path.join(ROOT, "exported", "default")
 SAMPLES = os.path.join(ROOT, "exported", "samples")
 SAME = ("A", "B")  # two photos of one person
 DIFFERENT = [("A", "C"), ("A", "D"), ("B", "C"), ("C", "D")]  # three other people
-EXPORTED_LIMIT_BYTES = 30 * 1024 * 1024
+# Measured on a real-size export of the position-wise model with decompose, every format
+# (docs/export.md, "Where the bytes go"): 92.8 MB (SavedModel 34.8, ONNX 17.5 with shared
+# weights, TFLite 16.8 + fp16 8.6 + int8 14.7, JSON 0.4), plus the model card. The bound
+# leaves about 7 % for the card and the manifest; a format duplicating
+# the weights again (e.g. ONNX without the shared file: +33 MB) fails it.
+EXPORTED_LIMIT_BYTES = 100 * 1024 * 1024
 
 pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(MODEL_DIR, "manifest.json")),
                                 reason="exported/default is not in this checkout")

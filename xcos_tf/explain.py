@@ -102,7 +102,10 @@ def _decomposition(runtime_model, face_a, face_b, verified):
     del verified
     if not method_available(runtime_model, "decomposition"):
         raise MethodUnavailableError(f"{NO_DECOMPOSE} (export it with a teacher to explain the teacher's cosine)")
-    outputs = runtime_model.decompose(face_a[None].astype(np.float32), face_b[None].astype(np.float32))
+    try:
+        outputs = runtime_model.decompose(face_a[None].astype(np.float32), face_b[None].astype(np.float32))
+    except runtime.SignatureUnavailableError as error:  # e.g. --format tflite: decompose is not in that file
+        raise MethodUnavailableError(str(error)) from None
     return {"explains": "teacher cosine", "explained_score": float(np.asarray(outputs["score"]).reshape(-1)[0]),
             "contribution_map": single_map(outputs, "contribution_map"),
             "bias": float(np.asarray(outputs["bias"]).reshape(-1)[0])}

@@ -86,8 +86,8 @@ def format_files(manifest, model_format):
     """The files (relative to the export folder) that `model_format` runs from (of a manifest
     that passed `check_manifest`)."""
     entry = manifest["formats"][model_format]
-    if model_format == "onnx":
-        return sorted(entry["signatures"].values())
+    if model_format == "onnx":  # the graphs and the external-data file(s) holding their weights
+        return sorted(entry["signatures"].values()) + sorted(entry.get("external_data") or [])
     path = entry["path"]
     if model_format != "saved_model":
         return [path]

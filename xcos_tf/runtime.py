@@ -37,6 +37,10 @@ MANIFEST_FILE = "manifest.json"
 GRID_LIMIT = 1e6
 
 
+class SignatureUnavailableError(ValueError):
+    """The loaded format or export lacks the signature asked for (e.g. decompose in TFLite)."""
+
+
 class ModelOutputError(ValueError):
     """The model returned NaN or infinity: its weights are broken (a check_files=False load of a
     damaged file, or a bad training run). Never shown as a score."""
@@ -120,6 +124,24 @@ class Runtime:
         _same_batch(grid_a, grid_b)
         return _finite("compare", self._run("compare", {"grid_a": grid_a, "grid_b": grid_b}))
 
+    def decompose(self, image_a, image_b):
+        """{"score" [N], "contribution_map" [N, h, w], "bias" [N]} of aligned face pairs: the
+        original teacher's cosine split exactly, `score == sum(contribution_map) + bias`.
+
+        Raises `SignatureUnavailableError` when this format (TFLite) or export has no `decompose`."""
+        if not self._has_signature("decompose"):
+            raise SignatureUnavailableError(
+                f"this export's {type(self).__name__} has no decompose signature (it is in the SavedModel and "
+                "ONNX files of exports made with a teacher: python -m xcos_tf.export --teacher_onnx=PATH)"
+            )
+        image_a = _as_batch(image_a, "image_a", self.image_shape, pixels=True)
+        image_b = _as_batch(image_b, "image_b", self.image_shape, pixels=True)
+        _same_batch(image_a, image_b)
+        return _finite("decompose", self._run("decompose", {"image_a": image_a, "image_b": image_b}))
+
+    def _has_signature(self, signature):
+        raise NotImplementedError
+
     def _run(self, signature, inputs):
         raise NotImplementedError
 
@@ -147,6 +169,9 @@ class SavedModelRuntime(Runtime):
         except Exception as error:  # any engine failure here means a damaged folder
             raise _not_loadable(path, "SavedModel", error) from None
         self._signatures = self._saved_model.signatures
+
+    def _has_signature(self, signature):
+        return signature in self._signatures
 
     def _run(self, signature, inputs):
         outputs = self._signatures[signature](**{k: self._tf.constant(v) for k, v in inputs.items()})
@@ -178,6 +203,9 @@ class TFLiteRuntime(Runtime):
         embed_inputs = self._runner("embed").get_input_details()
         compare_inputs = self._runner("compare").get_input_details()
         super().__init__(embed_inputs["image"]["shape"][1:], compare_inputs["grid_a"]["shape"][1:], manifest)
+
+    def _has_signature(self, signature):
+        return signature in self._interpreter.get_signature_list()
 
     def _runner(self, signature):
         if signature not in self._runners:
@@ -212,6 +240,9 @@ class ONNXRuntime(Runtime):
                 )
             except Exception as error:  # InvalidProtobuf, Fail, ... from a damaged file
                 raise _not_loadable(path, "ONNX model", error) from None
+
+    def _has_signature(self, signature):
+        return signature in self._sessions
 
     def _run(self, signature, inputs):
         session = self._sessions[signature]

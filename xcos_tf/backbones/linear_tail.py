@@ -97,7 +97,7 @@ def read_linear_tail(onnx_path_or_model, feature_map=None, output=None, input_sh
     if isinstance(onnx_path_or_model, onnx.ModelProto):
         model = onnx_path_or_model
     elif isinstance(onnx_path_or_model, (str, pathlib.Path)):
-        model = onnx_import._load(onnx_path_or_model)
+        model = onnx_import.read_onnx_model(onnx_path_or_model)
     else:
         raise ValueError(f"read_linear_tail takes a path or an onnx.ModelProto. Received: {type(onnx_path_or_model).__name__}")
     graph = model.graph
@@ -134,10 +134,7 @@ def _cut(graph, feature_map, input_shape):
     """
     input_shape = common.check_input_shape(input_shape, "read_linear_tail")
     _, pixels = common.pixel_input(input_shape)
-    importer = onnx_import._Importer(graph, onnx_import._input_layout(graph, input_shape), pixels)
-    importer.run(graph)
-    name = onnx_import._feature_map_name(importer, graph, feature_map)
-    tensor = importer.tensors[name]
+    name, tensor, _ = onnx_import.import_feature_map(graph, feature_map, input_shape, pixels)
     return name, tensor.perm, tuple(tensor.value.shape[1:])
 
 
@@ -145,7 +142,7 @@ def _tail_nodes(graph, map_name, output):
     """The nodes that compute `output` from the map (and constants), in graph order."""
     producers = {name: node for node in graph.node for name in node.output}
     initializers = {t.name for t in graph.initializer}
-    image = onnx_import._graph_input_name(graph)
+    image = onnx_import.graph_input_name(graph)
     needed, stack = set(), [output]
     while stack:
         name = stack.pop()

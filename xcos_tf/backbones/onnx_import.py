@@ -33,7 +33,8 @@ from xcos_tf.backbones.onnx_ops import BINARY_OPS, CONVERTERS, NCHW, NHWC, Tenso
 HEAD_OPS = frozenset({"Flatten", "Reshape", "Gemm", "MatMul", "Squeeze", "Shape"})
 
 
-def _load(path):
+def read_onnx_model(path):
+    """The `onnx.ModelProto` at `path`; FileNotFoundError / ValueError (one line) if it is not one."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No ONNX model at {str(path)!r} (missing file).")
@@ -51,7 +52,7 @@ class _Importer:
 
     def __init__(self, graph, input_perm, pixels):
         self.constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-        self.tensors = {_graph_input_name(graph): Tensor(pixels, input_perm)}
+        self.tensors = {graph_input_name(graph): Tensor(pixels, input_perm)}
         self.blocked = {}  # tensor name -> why it cannot be computed
         self.root_blockers = []  # (node, reason, inputs) where a chain of blocked tensors starts
         self.order = []  # converted tensor names, in graph order
@@ -140,7 +141,8 @@ class _Importer:
         return converter(self, node, inputs, node_attributes(node))
 
 
-def _graph_input_name(graph):
+def graph_input_name(graph):
+    """The name of the graph's one image input (not an initializer)."""
     initializers = {t.name for t in graph.initializer}
     names = [i.name for i in graph.input if i.name not in initializers]
     if len(names) != 1:
@@ -150,7 +152,7 @@ def _graph_input_name(graph):
 
 def _input_layout(graph, input_shape):
     """NCHW (e.g. from PyTorch) or NHWC (e.g. from tf2onnx), read off the 3-channel axis."""
-    graph_input = next(i for i in graph.input if i.name == _graph_input_name(graph))
+    graph_input = next(i for i in graph.input if i.name == graph_input_name(graph))
     dims = [d.dim_value or None for d in graph_input.type.tensor_type.shape.dim]
     if len(dims) != 4:
         raise ValueError(f"Input {graph_input.name!r} must be 4-D images. Received dims: {dims}")
@@ -203,6 +205,22 @@ def _feature_map_name(importer, graph, feature_map):
     return [name for name, spatial in grids if spatial[0] * spatial[1] == smallest][-1]
 
 
+def import_feature_map(graph, feature_map, input_shape, pixels):
+    """Walks `graph` from the Keras tensor `pixels` (the scaled image) and cuts it at its feature map.
+
+    The one walk and choice of feature map that `from_onnx` and `read_linear_tail` share, so the
+    tail starts exactly where the body ends.
+
+    Returns:
+        (ONNX tensor name of the map, its `Tensor` (Keras value and perm: ONNX axis i is Keras
+        axis perm[i]), {layer name: ONNX weights in Keras layout} to set once the model exists).
+    """
+    importer = _Importer(graph, _input_layout(graph, input_shape), pixels)
+    importer.run(graph)
+    name = _feature_map_name(importer, graph, feature_map)
+    return name, importer.tensors[name], importer.weights
+
+
 def _keras_safe(text):
     return re.sub(r"[^0-9A-Za-z_]+", "_", text).strip("_")
 
@@ -238,16 +256,14 @@ def from_onnx(path, feature_map=None, input_shape=(112, 112, 3), pixel_mean=127.
         ValueError: not an ONNX model, an input that is not one 3-channel image, or an op
             the backbone needs that cannot be imported (the message names the op and node).
     """
-    onnx_model = _load(path)
+    onnx_model = read_onnx_model(path)
     graph = onnx_model.graph
     name = name or _keras_safe(pathlib.Path(path).stem) or "onnx_backbone"
     input_shape = common.check_input_shape(input_shape, name)
     image, pixels = common.pixel_input(input_shape, scale=pixel_scale, offset=-pixel_mean * pixel_scale)
-    importer = _Importer(graph, _input_layout(graph, input_shape), pixels)
-    importer.run(graph)
-    features = importer.tensors[_feature_map_name(importer, graph, feature_map)].value
-    backbone = keras.Model(image, features, name=name)
+    _, features, weights = import_feature_map(graph, feature_map, input_shape, pixels)
+    backbone = keras.Model(image, features.value, name=name)
     for layer in backbone.layers:
-        if layer.name in importer.weights:
-            layer.set_weights(importer.weights[layer.name])
+        if layer.name in weights:
+            layer.set_weights(weights[layer.name])
     return backbone

@@ -12,6 +12,8 @@ DIR holds, for `--name xcos` and every format:
     xcos_fp16.tflite           TFLite with float16 weights
     xcos_int8.tflite           TFLite int8 backbone and grid head, float32 inputs and outputs
     xcos_verify.onnx, xcos_embed.onnx, xcos_compare.onnx   ONNX, one graph per signature
+    xcos_decompose.onnx        ONNX decompose (exports with a teacher; also a SavedModel signature)
+    xcos_onnx_weights.bin      the ONNX graphs' weights, each tensor once (external data)
     manifest.json              versions, input spec, threshold, files and their sha256
     MODEL_CARD.md              when a model card is given
 

@@ -10,7 +10,7 @@ import numpy as np  # noqa: E402
 from absl import flags, logging  # noqa: E402
 
 from xcos_tf.data import align  # noqa: E402
-from xcos_tf.export.deployment import CALIBRATION_SIZE, export_model, load_faces, resolve_verifier  # noqa: E402
+from xcos_tf.export.deployment import CALIBRATION_SIZE, export_model, load_faces, resolve_verifier, run_teacher  # noqa: E402
 from xcos_tf.runtime import FORMATS  # noqa: E402
 
 
@@ -29,6 +29,11 @@ def define_flags():
         "threshold": flags.DEFINE_float("threshold", None, "Decision threshold on the score, recorded in the manifest."),
         "far": flags.DEFINE_float("far", None, "False-accept rate at which --threshold was chosen."),
         "model_card": flags.DEFINE_string("model_card", None, "A MODEL_CARD.md to copy into the folder."),
+        "teacher_onnx": flags.DEFINE_string(
+            "teacher_onnx", None,
+            "The original teacher ONNX model: adds the `decompose` signature (its cosine split per cell) to the "
+            "SavedModel and ONNX files. Default: the run's --init_backbone=onnx:PATH, if any; 'none' for no decompose.",
+        ),
     }
 
 
@@ -42,6 +47,11 @@ def main(argv, args):
     )
     try:
         verifier = resolve_verifier(values["weights"])
+        teacher_onnx, teacher_feature_map = run_teacher(values["weights"])
+        if values["teacher_onnx"] is not None:
+            teacher_onnx = None if values["teacher_onnx"].lower() == "none" else values["teacher_onnx"]
+        if teacher_onnx:
+            logging.info("decompose: the teacher %s", teacher_onnx)
         image_size = int(verifier.embed.input["image"].shape[1])  # the faces' size is the model's
         calibration = None
         if values["calibration_dir"]:
@@ -61,6 +71,8 @@ def main(argv, args):
             calibration_images=calibration,
             sample_faces=sample,
             model_card=values["model_card"],
+            teacher_onnx=teacher_onnx,
+            teacher_feature_map=teacher_feature_map,
         )
     except (ValueError, OSError) as error:  # OSError: e.g. --out under a file (one line, not a traceback)
         raise cli.UserError(str(error)) from None

@@ -8,16 +8,20 @@ import re
 import shutil
 import tempfile
 
+import keras
 import numpy as np
 from absl import logging
 
+from xcos_tf import backbones
 from xcos_tf import model as xcos_model
-from xcos_tf.data import align
+from xcos_tf.data import align, records
+from xcos_tf.explanations import decomposition
 from xcos_tf.export import manifest as manifest_module
 from xcos_tf.export import onnx, saved_model, tflite
 from xcos_tf.export.staging import staged_folder
 from xcos_tf.runtime import FORMATS, MANIFEST_FILE
 from xcos_tf.training import run_folder
+from xcos_tf.training.config import TrainConfig
 
 CALIBRATION_SIZE = 300
 
@@ -44,6 +48,43 @@ def resolve_verifier(source):
     )
 
 
+def run_teacher(weights):
+    """(ONNX path, feature map) of the teacher a training run started from (--init_backbone=onnx:PATH,
+    --onnx_feature_map), or (None, None) when `weights` is not such a run."""
+    if not isinstance(weights, (str, os.PathLike)) or not os.path.isfile(os.path.join(weights, run_folder.PARAMS_FILE)):
+        return None, None
+    config = TrainConfig.from_json(os.path.join(weights, run_folder.PARAMS_FILE))
+    if not config.init_backbone.startswith("onnx:"):
+        return None, None
+    return config.init_backbone[len("onnx:"):], config.onnx_feature_map or None
+
+
+def teacher_decomposition(verifier, teacher_onnx, feature_map=None):
+    """The `decompose` model of the ORIGINAL teacher (`explanations.decomposition`): its body and
+    linear tail read from `teacher_onnx`, cut at the same map as the xCos body.
+
+    When the xCos body still holds the teacher's weights (the recipe freezes it), the decompose
+    model runs the xCos body itself, so the export stores those weights once; a fine-tuned body
+    is not the teacher any more and the teacher's own body is used.
+    """
+    if not os.path.isfile(teacher_onnx):
+        raise FileNotFoundError(f"Teacher ONNX model not found: {teacher_onnx!r} (--teacher_onnx)")
+    image_shape = tuple(verifier.embed.input["image"].shape[1:])
+    tail = backbones.read_linear_tail(teacher_onnx, feature_map=feature_map, input_shape=image_shape)
+    teacher_body = backbones.from_onnx(teacher_onnx, feature_map=feature_map, input_shape=image_shape)
+    xcos_body = next(layer for layer in verifier.embed.layers if isinstance(layer, keras.Model))
+    body = xcos_body if same_weights(xcos_body, teacher_body) else teacher_body
+    return decomposition.decomposition_model(body, tail, name="decompose"), body is xcos_body
+
+
+def same_weights(model_a, model_b):
+    """Whether two models hold equal weights, in the same order and shapes."""
+    weights_a, weights_b = model_a.get_weights(), model_b.get_weights()
+    return len(weights_a) == len(weights_b) and all(
+        a.shape == b.shape and np.array_equal(a, b) for a, b in zip(weights_a, weights_b)
+    )
+
+
 def _checked_faces(faces, what, image_shape):
     faces = np.asarray(faces)
     if faces.dtype != np.uint8 or faces.ndim != 4 or faces.shape[1:] != tuple(image_shape):
@@ -64,6 +105,8 @@ def export_model(
     calibration_images=None,
     sample_faces=None,
     model_card=None,
+    teacher_onnx=None,
+    teacher_feature_map=None,
 ):
     """Exports `source` to the deployment folder `out_dir` (replaced only once complete).
 
@@ -79,6 +122,10 @@ def export_model(
         sample_faces: optional uint8 [2, H, W, 3], the pair in tf_serving_request.json
             (default: the first two calibration faces, else two grey images).
         model_card: optional path of a MODEL_CARD.md to copy in.
+        teacher_onnx: optional path of the original teacher ONNX model (the one the run started
+            from): adds the `decompose` signature (SavedModel and ONNX), the exact per-cell split of
+            the teacher's cosine (`teacher_decomposition`).
+        teacher_feature_map: the teacher's node whose output is the 7x7 map (default: auto).
 
     Returns:
         The manifest (dict) written to `out_dir/manifest.json`.
@@ -106,11 +153,16 @@ def export_model(
         sample_faces, sample_note = calibration_images[:2], "the first two calibration faces"
     else:
         sample_faces, sample_note = np.full((2, *image_shape), 128, np.uint8), "grey placeholders (no faces given)"
+    decomposer, teacher = None, None
+    if teacher_onnx:
+        decomposer, shares_body = teacher_decomposition(verifier, teacher_onnx, teacher_feature_map)
+        teacher = {"onnx": os.path.basename(teacher_onnx), "sha256": records.sha256_file(teacher_onnx),
+                   "shares_xcos_body": shares_body}
 
     with staged_folder(out_dir) as staging, tempfile.TemporaryDirectory() as scratch:
         saved_model_dir = os.path.join(staging if "saved_model" in formats else scratch, "saved_model", name, "1")
         logging.info("Writing the SavedModel to %s", saved_model_dir)
-        saved_model.write_saved_model(verifier, saved_model_dir)
+        saved_model.write_saved_model(verifier, saved_model_dir, decomposer)
         if "saved_model" in formats:
             with open(os.path.join(staging, "models.config"), "w") as f:
                 f.write(saved_model.models_config(name))
@@ -134,13 +186,21 @@ def export_model(
             with open(os.path.join(staging, f"{name}{suffix}.tflite"), "wb") as f:
                 f.write(model_bytes)
         if "onnx" in formats:
-            for signature in manifest_module.SIGNATURES:
+            onnx_files = manifest_module.onnx_files(name, decomposer is not None)
+            for signature, file in onnx_files.items():
                 logging.info("Converting %s to ONNX", signature)
-                onnx.convert_onnx(saved_model_dir, signature, os.path.join(staging, f"{name}_{signature}.onnx"))
+                onnx.convert_onnx(saved_model_dir, signature, os.path.join(staging, file))
+            shared, unshared = onnx.share_weights(
+                [os.path.join(staging, file) for file in onnx_files.values()],
+                os.path.join(staging, manifest_module.onnx_weights_file(name)),
+            )
+            logging.info("ONNX weights: %d bytes shared by the graphs (%d bytes as separate copies)", shared, unshared)
         if model_card:
             shutil.copyfile(model_card, os.path.join(staging, "MODEL_CARD.md"))
         calibration_count = 0 if calibration_images is None else len(calibration_images)
-        manifest = manifest_module.build_manifest(verifier, name, formats, threshold, far, calibration_count, int8_summary, sample_note)
+        manifest = manifest_module.build_manifest(
+            verifier, name, formats, threshold, far, calibration_count, int8_summary, sample_note, teacher
+        )
         manifest["files"] = manifest_module.file_digests(staging)
         with open(os.path.join(staging, MANIFEST_FILE), "w") as f:
             json.dump(manifest, f, indent=2)

@@ -29,14 +29,26 @@ TFLITE_SUFFIXES = {"tflite": "", "tflite_fp16": "_fp16", "tflite_int8": "_int8"}
 # int8, the score was off by 0.017 against 0.0024 with the whole head in float. The head is
 # about 1 M multiply-adds per pair against ~440 M for two MobileFaceNet passes, so it stays float.
 INT8_NOTE = (
-    "Backbone and grid head fully int8 (per-channel weights, int8 activations); the xCos head "
+    "Backbone and a 1x1-conv grid head fully int8 (per-channel weights, int8 activations); a "
+    "position-wise grid head (its per-cell int8 matmuls cost 0.04 in score) and the xCos head "
     "(cosine map, attention convs, softmax, score) and the embedding normalisation run in float32. "
     "Inputs and outputs are float32."
 )
 
 
-def signature_specs(verifier):
-    """The inputs and outputs of every signature: names, shapes (dynamic batch), dtypes."""
+def onnx_files(name, decompose=False):
+    """{signature: ONNX file name} of an export."""
+    return {signature: f"{name}_{signature}.onnx" for signature in SIGNATURES + (("decompose",) if decompose else ())}
+
+
+def onnx_weights_file(name):
+    """The external-data file the ONNX graphs share (`onnx.share_weights`)."""
+    return f"{name}_onnx_weights.bin"
+
+
+def signature_specs(verifier, decompose=False):
+    """The inputs and outputs of every signature: names, shapes (dynamic batch), dtypes
+    (with `decompose`, the teacher's decomposition too)."""
     image_shape = tuple(verifier.embed.input["image"].shape[1:])
     grid_shape = tuple(verifier.embed.output["grid"].shape[1:])
     image = {"shape": [None, *image_shape], "dtype": "float32"}
@@ -47,11 +59,22 @@ def signature_specs(verifier):
         "attention_map": {"shape": [None, *grid_shape[:2]], "dtype": "float32"},
     }
     embedding = {"shape": [None, int(np.prod(grid_shape))], "dtype": "float32"}
-    return {
+    specs = {
         "verify": {"inputs": {"image_a": image, "image_b": image}, "outputs": maps},
         "embed": {"inputs": {"image": image}, "outputs": {"embedding": embedding, "grid": grid}},
         "compare": {"inputs": {"grid_a": grid, "grid_b": grid}, "outputs": maps},
     }
+    if decompose:
+        specs["decompose"] = {
+            "inputs": {"image_a": image, "image_b": image},
+            "outputs": {
+                "score": {"shape": [None], "dtype": "float32"},
+                "contribution_map": {"shape": [None, *grid_shape[:2]], "dtype": "float32"},
+                "bias": {"shape": [None], "dtype": "float32"},
+            },
+            "note": "the original teacher's cosine (score) split exactly: score == sum(contribution_map) + bias",
+        }
+    return specs
 
 
 def pixel_normalisation(verifier):
@@ -108,10 +131,14 @@ def file_digests(root):
     return digests
 
 
-def build_manifest(verifier, name, formats, threshold, far, calibration_count, int8_summary, sample_note):
-    """The manifest.json of an export (without "files", added once every file is written)."""
+def build_manifest(verifier, name, formats, threshold, far, calibration_count, int8_summary, sample_note, teacher=None):
+    """The manifest.json of an export (without "files", added once every file is written).
+
+    `teacher`: None, or {"onnx", "sha256", "shares_xcos_body"} of the teacher whose cosine the
+    `decompose` signature splits (SavedModel and ONNX only)."""
     xcos = next(layer for layer in verifier.compare.layers if isinstance(layer, layers.XCosLayer))
-    specs = signature_specs(verifier)
+    specs = signature_specs(verifier, teacher is not None)
+    decompose = ("decompose",) if teacher is not None else ()
     image_shape = specs["embed"]["inputs"]["image"]["shape"][1:]
     grid_shape = specs["embed"]["outputs"]["grid"]["shape"][1:]
     files = {}
@@ -121,21 +148,28 @@ def build_manifest(verifier, name, formats, threshold, far, calibration_count, i
             "signatures": {
                 "verify": "verify", "embed": "embed", "compare": "compare",
                 "serving_default": "verify", "verify_uint8": "verify with uint8 inputs",
+                **{signature: signature for signature in decompose},
             },
             "tf_serving": {"models_config": "models.config", "request": "tf_serving_request.json", "model_name": name},
         }
     for tflite_format, suffix in TFLITE_SUFFIXES.items():
         if tflite_format in formats:
             files[tflite_format] = {"path": f"{name}{suffix}.tflite", "signatures": list(SIGNATURES)}
+            if decompose:
+                files[tflite_format]["note"] = "no decompose signature: use the SavedModel or ONNX files"
     if "tflite_int8" in formats:
         files["tflite_int8"]["quantization"] = {
             "scheme": INT8_NOTE, "calibration_faces": calibration_count, **int8_summary
         }
     if "onnx" in formats:
         files["onnx"] = {
-            "signatures": {signature: f"{name}_{signature}.onnx" for signature in SIGNATURES},
+            "signatures": onnx_files(name, teacher is not None),
+            "external_data": [onnx_weights_file(name)],
             "opset": ONNX_OPSET,
-            "note": "ONNX has one graph per file: one file per signature.",
+            "note": (
+                "ONNX has one graph per file: one file per signature. Their weights are in one shared "
+                f"external-data file, {onnx_weights_file(name)}, which must stay beside them."
+            ),
         }
     return {
         "name": name,
@@ -159,6 +193,7 @@ def build_manifest(verifier, name, formats, threshold, far, calibration_count, i
         },
         "normalisation": pixel_normalisation(verifier),
         "grid_size": grid_shape[:2],
+        "teacher": teacher,
         "threshold": None if threshold is None else float(threshold),
         "threshold_far": None if far is None else float(far),
         "sample_faces": sample_note,
