@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO_ROOT
+from common_testing import REPO_ROOT
 
 from tools import check_serving_request as check
 from xcos_tf import runtime
