@@ -46,7 +46,7 @@ def test_table_sums_the_rounds_and_gives_ratios():
     assert "failed" in rows[5]
 
 
-@pytest.mark.parametrize("flag", ["--models=resnet18", "--variants=fused", "--pairs=mobilefacenet=0",
+@pytest.mark.parametrize("flag", ["--models=resnet18", "--variants=fused", "--pairs_per_step=mobilefacenet=0",
                                   "--keras_insightface_dir=/nonexistent"])
 def test_bad_compare_flags_end_with_one_line_and_exit_2(flag):
     result = subprocess.run([sys.executable, TOOL, "--compare", flag], capture_output=True, text=True, timeout=120)
@@ -58,7 +58,7 @@ def test_bad_compare_flags_end_with_one_line_and_exit_2(flag):
 def test_compare_times_two_variants_in_alternating_rounds():
     result = subprocess.run(
         [sys.executable, TOOL, "--compare", "--models=mobilefacenet", "--variants=keras_bn,fused_bn,fused_bn+bf16",
-         "--pairs=mobilefacenet=2", "--rounds=2", "--round_seconds=0", "--warmup=1"],
+         "--pairs_per_step=mobilefacenet=2", "--rounds=2", "--round_seconds=0", "--warmup=1"],
         capture_output=True, text=True, timeout=900, cwd=REPO_ROOT,
     )
     assert result.returncode == 0, result.stderr[-2000:]

@@ -68,7 +68,10 @@ def test_aligned_samples_come_from_the_photos(shared_dir):
     aligner = align.FaceAligner(os.path.join(shared_dir, "models", "yunet.onnx"))
     for name in "ABCD":
         aligned = aligner.align(align.read_image(os.path.join(SAMPLES, f"{name}.jpg"))).image
-        np.testing.assert_array_equal(aligned, _face(name))
+        # OpenCV's warp rounds differently on other CPUs (an AMD EPYC gives 2 of 37,632 values
+        # one grey level off): equal up to that, not a different crop.
+        difference = np.abs(aligned.astype(int) - _face(name).astype(int))
+        assert difference.max() <= 1 and np.count_nonzero(difference) <= 20, (name, difference.max())
 
 
 def test_exported_folder_stays_small():

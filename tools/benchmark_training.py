@@ -77,7 +77,7 @@ _MODELS = flags.DEFINE_list("models", list(COMPARE_PAIRS), f"--compare: backbone
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"--compare: step variants, of {', '.join(VARIANTS)}.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "--compare: rounds; each variant runs once per round.", lower_bound=1)
 _ROUND_SECONDS = flags.DEFINE_float("round_seconds", 20.0, "--compare: timed seconds per variant and round.", lower_bound=0.0)
-_PAIRS = flags.DEFINE_list("pairs", [], "--compare: MODEL=PAIRS per step overriding the defaults "
+_PAIRS = flags.DEFINE_list("pairs_per_step", [], "--compare: MODEL=PAIRS per step overriding the defaults "
                            + ", ".join(f"{m}={p}" for m, p in COMPARE_PAIRS.items()) + " (2 images per pair).")
 _KERAS_INSIGHTFACE = flags.DEFINE_string(
     "keras_insightface_dir", "", "--compare: a checkout of leondgarse/Keras_insightface; adds its MobileFaceNet step.")
@@ -347,7 +347,7 @@ def run_compare(models, variants, pairs, rounds, round_seconds, warmup, keras_in
 
 
 def _compare_pairs(overrides):
-    """--pairs MODEL=N entries over COMPARE_PAIRS; a bad entry, model or variant is a `cli.UserError`."""
+    """--pairs_per_step MODEL=N entries over COMPARE_PAIRS; a bad entry, model or variant is a `cli.UserError`."""
     for name, values, valid in (("models", _MODELS.value, COMPARE_PAIRS), ("variants", _VARIANTS.value, VARIANTS)):
         unknown = sorted(set(values) - set(valid))
         if unknown or not values:
@@ -358,7 +358,7 @@ def _compare_pairs(overrides):
     for entry in overrides:
         model, _, count = entry.partition("=")
         if model not in COMPARE_PAIRS or not count.isdigit() or int(count) < 1:
-            raise cli.UserError(f"--pairs: expected MODEL=POSITIVE_INT with MODEL one of {', '.join(COMPARE_PAIRS)}. Received: {entry!r}")
+            raise cli.UserError(f"--pairs_per_step: expected MODEL=POSITIVE_INT with MODEL one of {', '.join(COMPARE_PAIRS)}. Received: {entry!r}")
         pairs[model] = int(count)
     return pairs
 

@@ -214,7 +214,7 @@ def grids_of(head, maps, batch_size=256):
 def ablate(heads, comparers, pair_set):
     """Rows {context, accuracy: {attention: ...}, teacher, spread, band, band_chance} of one set."""
     from xcos_tf import metrics, scoring
-    from xcos_tf.evaluate import localisation_rate
+    from xcos_tf.faithfulness import localisation
 
     pairs, maps, face_of, banded_pairs, banded_maps = pair_set
     folds = pairs.folds if len(np.unique(pairs.folds)) >= 2 else 10
@@ -233,7 +233,8 @@ def ablate(heads, comparers, pair_set):
         row["spread"] = float(cos_maps.reshape(len(cos_maps), -1).std(axis=1).mean())
         banded = scoring.compare_grids(comparer, grids[index_a[banded_pairs]], grids_of(head, banded_maps))["cos_map"]
         coverage = np.broadcast_to(band_coverage(banded.shape[1:], pairs.faces.shape[1]), banded.shape)
-        row["band"], row["band_chance"] = localisation_rate(banded, coverage)
+        band = localisation(banded, coverage)
+        row["band"], row["band_chance"] = band["localisation"], band["localisation_chance"]
         row["band_pairs"] = len(banded_pairs)
         rows.append(row)
     return rows

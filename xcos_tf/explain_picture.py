@@ -240,7 +240,10 @@ def _reading_notes(result):
         # almost any two crops, so its cos is high even for two different people.
         lines.append(f"Bottom row (neck, black border of the crop): cos {cos_map[-1].mean():.2f} on average, "
                      f"as in almost any two crops,")
-        lines.append(f"but {100 * attention[-1].sum():.1f} % of the attention: it hardly moves the score.")
+        share = attention[-1].sum()
+        # A row of 7 cells holds 1/7 (14 %) of a uniform attention: say whether it gets less.
+        verdict = "less than its share of 14 %" if share < 1 / 7 else "at least its share of 14 %"
+        lines.append(f"and {100 * share:.1f} % of the attention ({verdict}).")
     lines += [f"Note: {note}" for note in result.get("notes", ())]
     return lines
 
