@@ -59,7 +59,7 @@ def first_cached_map(cache_dir):
     path = str(cache_dir / manifest["shards"][0]["file"])
     parse = features._face_parser(tuple(manifest["feature_shape"]))
     record = parse(next(iter(tf.data.TFRecordDataset(path))))
-    return features._parse_map(record["map"], tuple(manifest["feature_shape"])).numpy()
+    return features.parse_map(record["map"], tuple(manifest["feature_shape"])).numpy()
 
 
 def test_pair_cache_computes_each_face_once(tmp_path, backbone):

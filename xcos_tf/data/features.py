@@ -334,9 +334,25 @@ def check_cache(out_dir, backbone=None, kind=None):
     return manifest
 
 
-def _parse_map(encoded, shape):
+def parse_map(encoded, shape):
+    """A cached map's float16 bytes -> float32 `shape`."""
     feature_map = tf.io.decode_raw(encoded, tf.float16)
     return tf.cast(tf.reshape(feature_map, shape), tf.float32)
+
+
+def cached_face_maps(caches):
+    """(shard files, parse) of face caches: `parse` turns one record into its map and
+    its mirror image's map, stacked `[2, H, W, C]`."""
+    manifests = [check_cache(cache, kind="faces") for cache in caches]
+    shape = tuple(manifests[0]["feature_shape"])
+    files = [os.path.join(cache, shard["file"]) for cache, manifest in zip(caches, manifests) for shard in manifest["shards"]]
+    spec = {FEATURE_FACE_KEYS[key]: tf.io.FixedLenFeature([], tf.string) for key in ("map", "map_flip")}
+
+    def parse(serialized):
+        parsed = tf.io.parse_single_example(serialized, spec)
+        return tf.stack([parse_map(parsed[FEATURE_FACE_KEYS[key]], shape) for key in ("map", "map_flip")])
+
+    return files, parse
 
 
 def _face_parser(shape):
@@ -397,7 +413,7 @@ def feature_pair_dataset(cache_dirs, batch_size, same_fraction=0.5, flip=True, s
         sides = []
         for side in range(2):
             flipped = tf.random.stateless_uniform([], seeds[side]) < (0.5 if flip else 0.0)
-            feature_map = _parse_map(tf.where(flipped, pair["map_flip"][side], pair["map"][side]), shape)
+            feature_map = parse_map(tf.where(flipped, pair["map_flip"][side], pair["map"][side]), shape)
             embedding = tf.where(flipped, pair["teacher_embedding_flip"][side], pair["teacher_embedding"][side])
             sides.append((feature_map, embedding))
         return {
@@ -448,8 +464,8 @@ def eval_feature_pairs(cache_dir, max_pairs=0):
     def parse(serialized):
         parsed = tf.io.parse_single_example(serialized, features)
         return {
-            "map_a": _parse_map(parsed[FEATURE_PAIR_KEYS["map_a"]], shape),
-            "map_b": _parse_map(parsed[FEATURE_PAIR_KEYS["map_b"]], shape),
+            "map_a": parse_map(parsed[FEATURE_PAIR_KEYS["map_a"]], shape),
+            "map_b": parse_map(parsed[FEATURE_PAIR_KEYS["map_b"]], shape),
             "is_same": parsed[FEATURE_PAIR_KEYS["is_same"]] > 0,
             "fold": tf.cast(parsed[FEATURE_PAIR_KEYS["fold"]], tf.int32),
             "teacher_cos": tf.reduce_sum(parsed[FEATURE_PAIR_KEYS["teacher_a"]] * parsed[FEATURE_PAIR_KEYS["teacher_b"]]),

@@ -157,15 +157,7 @@ def centring_maps(config, backbone, caches=None, batch_size=256):
     `caches`, else the `backbone` run on the decoded faces. Faces are taken round-robin over
     the shard files, in a fixed order, so that every shard (every data source) is represented."""
     if caches:
-        manifests = [features.check_cache(cache, kind="faces") for cache in caches]
-        shape = tuple(manifests[0]["feature_shape"])
-        files = [os.path.join(c, s["file"]) for c, m in zip(caches, manifests) for s in m["shards"]]
-        keys = features.FEATURE_FACE_KEYS
-        spec = {keys["map"]: tf.io.FixedLenFeature([], tf.string), keys["map_flip"]: tf.io.FixedLenFeature([], tf.string)}
-
-        def maps_of(serialized):
-            parsed = tf.io.parse_single_example(serialized, spec)
-            return tf.stack([features._parse_map(parsed[keys[key]], shape) for key in ("map", "map_flip")])
+        files, maps_of = features.cached_face_maps(caches)
     else:
         files = pipeline.list_shards(list(config.train_shards))
         image_shape = (config.image_size, config.image_size, 3)
