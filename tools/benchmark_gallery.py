@@ -29,6 +29,7 @@ from absl import app, flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+from tools import machine  # noqa: E402
 
 _MODEL = flags.DEFINE_string("model", str(REPO_ROOT / "exported" / "default"), "Exported model folder.")
 _FORMAT = flags.DEFINE_string("format", "onnx", "Runtime format (xcos_tf.runtime.FORMATS).")
@@ -44,19 +45,6 @@ _QUERIES = flags.DEFINE_integer("queries", 20, "Timed searches per size and inde
 _FAISS_THREADS = flags.DEFINE_integer("faiss_threads", 1, "FAISS OpenMP threads (one query at a time: 1 is "
                                      "fastest on a small, busy machine; measured 12 ms vs 61 ms at 10k flat).")
 _SKIP_SCALE = flags.DEFINE_bool("skip_scale", False, "Only the rank-1 and enrolment part.")
-
-
-def machine():
-    flags_line, name = "", platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-        name = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-        cpu_flags = next(line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags"))
-        flags_line = " ".join(flag for flag in ("avx2", "fma", "avx512f", "avx512_vnni", "amx_tile") if flag in cpu_flags)
-    except (OSError, StopIteration):
-        pass
-    return f"{name} ({flags_line}), {os.cpu_count()} logical CPUs, {platform.platform()}"
 
 
 def versions():
@@ -218,7 +206,7 @@ def main(argv):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from xcos_tf import api
 
-    print(f"Machine: {machine()}")
+    print(f"Machine: {machine.describe()}")
     print(f"Load average at start (1/5/15 min): {' / '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"Versions: {versions()}")
     model = api.load(_MODEL.value, format=_FORMAT.value)

@@ -11,7 +11,6 @@ its load and the versions with the table: figures from a busy machine are lower.
 """
 import os
 import pathlib
-import platform
 import sys
 import tempfile
 import time
@@ -20,6 +19,7 @@ from absl import app, flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+from tools import machine  # noqa: E402
 
 _BACKBONE = flags.DEFINE_string("backbone", "mobilefacenet", "Backbone of the random-weight model (xcos_tf.backbones.get).")
 _WEIGHTS = flags.DEFINE_string("weights", None, "Time this trained model (.keras or run folder) instead of a random one.")
@@ -34,14 +34,6 @@ _CALIBRATION_DIR = flags.DEFINE_string(
 _CALIBRATION_SIZE = flags.DEFINE_integer("calibration_size", 200, "Faces for int8 calibration.")
 _OUT = flags.DEFINE_string("out", None, "Keep the export here (default: a temporary folder).")
 _REUSE = flags.DEFINE_bool("reuse", False, "Time the export already in --out (same backbone and seed) instead of exporting.")
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def folder_bytes(path):
@@ -123,7 +115,7 @@ def main(argv):
             speeds = [best[label, size] for size in batch_sizes]
             results.append((label, speeds, folder_bytes(path) / 1e6, size_note, error))
 
-    print(f"Machine: {cpu_name()}, {os.cpu_count()} logical CPUs, {platform.platform()}")
+    print(f"Machine: {machine.describe()}")
     print(f"Load average during the run (1/5/15 min): {' / '.join(f'{x:.1f}' for x in os.getloadavg())}")
     versions = manifest["versions"]
     print("Versions: " + ", ".join(f"{name} {version}" for name, version in versions.items()))

@@ -38,6 +38,7 @@ import time
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tools.machine import cpu_info  # noqa: E402
 from xcos_tf import cli  # noqa: E402
 
 cli.quiet_startup(__name__)  # before TensorFlow is imported
@@ -120,22 +121,6 @@ def run_case(name, min_steps, min_seconds, warmup, teacher_onnx):
 
 
 # === --compare: variants of one step side by side ===
-
-
-def cpu_info(cpuinfo_path="/proc/cpuinfo"):
-    """(CPU model name, set of CPU flags) of this machine, from /proc/cpuinfo where there is one."""
-    model, cpu_flags = platform.processor() or platform.machine(), set()
-    try:
-        with open(cpuinfo_path) as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    cpu_flags = set(value.split())
-    except OSError:
-        pass
-    return model, cpu_flags
 
 
 def skip_reason(variant, cpu_flags):

@@ -38,6 +38,7 @@ import time
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tools import machine  # noqa: E402
 from xcos_tf import cli  # noqa: E402
 
 cli.quiet_startup(__name__)  # before TensorFlow is imported
@@ -67,17 +68,6 @@ def define_flags():
     flags.DEFINE_integer("max_pairs", None, "At most this many pairs of each set, evenly spread over the folds.",
                          lower_bound=20)
     flags.mark_flags_as_required(["teacher", "pairs"])
-
-
-def machine():
-    """`CPU model, N logical CPUs, platform` of this machine."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} logical CPUs, {platform.platform()}"
 
 
 def versions():
@@ -308,7 +298,7 @@ def main(argv):
     for pattern, pair_set in pair_sets:
         _log(f"scoring {pattern}")
         results.append((set_name(pattern), len(pair_set[0]), ablate(heads, comparers, pair_set)))
-    print(f"machine: {machine()}")
+    print(f"machine: {machine.describe()}")
     print(f"versions: {versions()}")
     print(f"pairs: {', '.join(FLAGS.pairs)}")
     print(f"teacher: {FLAGS.teacher}; centred on up to {FLAGS.centre_faces} faces of {','.join(FLAGS.train_shards)}"
