@@ -2,9 +2,17 @@
 import keras
 import numpy as np
 
+# Plain gradient steps on a simple loss before a weight that has had only zero gradients counts
+# as dead. A weight behind a zero-initialised one (XCosLayer(attention_prior=True) starts its
+# last attention conv at zero) gets its first non-zero gradient a step later; a dead path (a
+# PReLU held at exactly 0, where both of its slopes give 0) gets none, ever.
+LEARNING_STEPS = 3
+LEARNING_RATE = 0.01
+
 
 def run_layer_check(layer_cls, init_kwargs, inputs, expected_output_shapes, call_kwargs=None):
-    """Builds, calls symbolically and eagerly, trains one step and round-trips the config.
+    """Builds, calls symbolically and eagerly, checks that every weight learns
+    (`check_every_weight_learns`) and round-trips the config.
 
     `inputs` is a tuple of numpy arrays passed positionally; `expected_output_shapes` is a
     shape or a dict of shapes, without the batch checks being skipped.
@@ -25,18 +33,8 @@ def run_layer_check(layer_cls, init_kwargs, inputs, expected_output_shapes, call
     )
     assert shapes(symbolic) == none_batch
 
-    # A training step: every trainable weight receives a finite, non-zero gradient.
     if layer.trainable_weights:
-        import tensorflow as tf
-
-        with tf.GradientTape() as tape:
-            out = layer(*inputs, training=True, **call_kwargs)
-            leaves = out.values() if isinstance(out, dict) else [out]
-            loss = sum(tf.reduce_sum(tf.square(tf.cast(v, "float32"))) for v in leaves)
-        grads = tape.gradient(loss, layer.trainable_weights)
-        for weight, grad in zip(layer.trainable_weights, grads):
-            assert grad is not None, f"no gradient for {weight.path}"
-            assert np.isfinite(grad.numpy()).all(), weight.path
+        check_every_weight_learns(layer, inputs, call_kwargs)
 
     # Config round trip: same config, same weights -> same outputs.
     clone = layer_cls.from_config(layer.get_config())
@@ -50,3 +48,37 @@ def run_layer_check(layer_cls, init_kwargs, inputs, expected_output_shapes, call
         g = got[key] if key else got
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=1e-6)
     return layer
+
+
+def check_every_weight_learns(layer, inputs, call_kwargs=None, steps=LEARNING_STEPS, learning_rate=LEARNING_RATE):
+    """Takes `steps` plain gradient steps on a fixed random projection of the outputs (training
+    mode): every gradient must be finite, and every trainable weight must get a non-zero
+    gradient in one of the steps. Changes the layer's weights.
+
+    A random projection, not the sum of squares: the loss's gradient is then non-zero on every
+    output. The sum of squares has a zero gradient wherever an output is 0, e.g. on the negative
+    side of a PReLU whose slope starts at 0, so that slope would never move for the check alone."""
+    import tensorflow as tf
+
+    call_kwargs = call_kwargs or {}
+    weights = layer.trainable_weights
+    learned = {weight.path: False for weight in weights}
+    rng = np.random.default_rng(0)
+    projections = None
+    for _ in range(steps):
+        with tf.GradientTape() as tape:
+            out = layer(*inputs, training=True, **call_kwargs)
+            leaves = [tf.cast(v, "float32") for v in (out.values() if isinstance(out, dict) else [out])]
+            if projections is None:
+                projections = [rng.normal(size=v.shape).astype("float32") for v in leaves]
+            loss = sum(tf.reduce_sum(v * p) for v, p in zip(leaves, projections))
+        for weight, grad in zip(weights, tape.gradient(loss, weights)):
+            assert grad is not None, f"no gradient for {weight.path}"
+            grad = np.asarray(grad)
+            assert np.isfinite(grad).all(), weight.path
+            learned[weight.path] |= bool(np.any(grad != 0))
+            weight.assign(np.asarray(weight) - learning_rate * grad)
+        if all(learned.values()):
+            return
+    dead = [path for path, has_learned in learned.items() if not has_learned]
+    raise AssertionError(f"only zero gradients in {steps} steps for {dead}")

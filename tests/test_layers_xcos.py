@@ -204,6 +204,21 @@ def test_attention_prior_adds_to_the_learned_logits(grids):
         np.testing.assert_allclose(np.asarray(swapped[key]), np.asarray(got[key]), atol=1e-6)
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_attention_prior_start_scores_as_the_zero_logit_start(grids, training):
+    """The learned logits start at 1 in every cell (BN offset 1, where PReLU passes gradients),
+    not at 0 (where it passes none): the softmax ignores the constant, the scores do not move."""
+    layer = XCosLayer(attention_prior=True)
+    layer(*grids)
+    logit_bn = layer._fuse.get_layer("logit_bn")
+    assert np.asarray(logit_bn.beta).tolist() == [1.0]
+    start = {key: np.asarray(value) for key, value in layer(*grids, training=training).items()}
+    logit_bn.beta.assign(np.zeros(1, "float32"))  # the start before: every logit exactly 0
+    zero = layer(*grids, training=training)
+    np.testing.assert_allclose(start["score"], np.asarray(zero["score"]), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(start["attention_map"], np.asarray(zero["attention_map"]), rtol=0, atol=1e-6)
+
+
 def test_attention_prior_needs_learned_attention():
     with pytest.raises(ValueError, match="attention_prior"):
         XCosLayer(attention="uniform", attention_prior=True)

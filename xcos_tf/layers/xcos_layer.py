@@ -42,7 +42,8 @@ class XCosLayer(keras.layers.Layer):
             norms of the two faces' cells) to the learned logits, so attention starts at
             the norm product: for centred partial embeddings of a face model's linear tail
             that prior alone ranks cells well. The last attention conv is then
-            zero-initialised, so training starts exactly at the prior. The temperature
+            zero-initialised (and its BN offset starts at 1, where PReLU passes gradients),
+            so training starts exactly at the prior. The temperature
             divides the sum. `False` (the default) is the paper's form.
         **kwargs: other keyword arguments passed to `keras.layers.Layer`.
 
@@ -117,9 +118,14 @@ class XCosLayer(keras.layers.Layer):
         )
         self._fuse.build(shared_shape[:-1] + (2 * shared_shape[-1],))
         if self.attention_prior:
-            # Zero learned logits (conv 0 -> BN 0 -> PReLU 0): training starts at the prior.
+            # Constant learned logits, so training starts at the prior: the last conv starts at
+            # zero and its BN's offset at 1 (conv 0 -> BN 1 -> PReLU 1 in every cell, which the
+            # softmax ignores). Not at 0: PReLU's gradient at exactly 0 is 0 on both sides, and
+            # the whole attention module would get zero gradients, in every step.
             logit_conv = self._fuse.get_layer("logit_conv")
             logit_conv.kernel.assign(ops.zeros(logit_conv.kernel.shape, logit_conv.kernel.dtype))
+            logit_bn = self._fuse.get_layer("logit_bn")
+            logit_bn.beta.assign(ops.ones(logit_bn.beta.shape, logit_bn.beta.dtype))
 
     def _attention_logits(self, shared_a, shared_b, training):
         fused = ops.concatenate([shared_a, shared_b], axis=-1)
