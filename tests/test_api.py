@@ -15,7 +15,7 @@ import pytest
 from common_testing import REPO_ROOT
 
 import xcos_tf
-from xcos_tf import api, explain
+from xcos_tf import api, paths
 from xcos_tf.data import align
 
 MODEL_DIR = REPO_ROOT / "exported" / "default"
@@ -25,8 +25,8 @@ CROP_A, CROP_B = (str(SAMPLES / "aligned" / f"{name}.png") for name in "AB")
 
 pytestmark = pytest.mark.skipif(not (MODEL_DIR / "manifest.json").is_file(),
                                 reason="exported/default is not in this checkout")
-needs_detector = pytest.mark.skipif(not os.path.isfile(explain.DEFAULT_DETECTOR),
-                                    reason=f"needs YuNet at {explain.DEFAULT_DETECTOR}")
+needs_detector = pytest.mark.skipif(not os.path.isfile(paths.DEFAULT_DETECTOR),
+                                    reason=f"needs YuNet at {paths.DEFAULT_DETECTOR}")
 
 
 @pytest.fixture(scope="module")

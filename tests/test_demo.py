@@ -71,10 +71,9 @@ def test_read_upload_refuses_too_many_pixels_before_decoding(tmp_path, monkeypat
 
     path = tmp_path / "huge.png"
     cv2.imwrite(str(path), np.zeros((200, 300, 3), np.uint8))
-    monkeypatch.setattr(demo, "MAX_MEGAPIXELS", 0.05)
     monkeypatch.setattr(demo.align, "decode_image", lambda *args, **kwargs: pytest.fail("decoded"))
     with pytest.raises(demo.UploadError, match=r"\(huge.png\): 300x200 pixels is more than the 0.05 megapixel"):
-        demo.read_upload(str(path), "photo A (huge.png)", max_bytes=demo.MB)
+        demo.read_upload(str(path), "photo A (huge.png)", max_bytes=demo.MB, max_pixels=50_000)
 
 
 def test_summary_reads_decision_score_and_notes():

@@ -10,7 +10,7 @@ import pytest
 import tiny_verifiers
 from common_testing import REPO_ROOT
 
-from xcos_tf import evaluate, faithfulness, metrics, occlusion, scoring
+from xcos_tf import evaluate, faithfulness, metrics, occlusion, paths, scoring
 from xcos_tf.data import align
 
 
@@ -168,7 +168,7 @@ def _write_pair_shards(out_dir, pairs):
 def test_pair_shards_load_as_a_pair_set(tmp_path):
     pairs = _synthetic_pairs()
     teacher = _write_pair_shards(tmp_path / "shards", pairs)
-    loaded = evaluate.load_pairs(tmp_path / "shards", evaluate.DEFAULT_DETECTOR, max_pairs=20)
+    loaded = evaluate.load_pairs(tmp_path / "shards", paths.DEFAULT_DETECTOR, max_pairs=20)
     chosen = evaluate.spread_subset(len(pairs), 20)
     assert len(loaded) == 20 and loaded.faces.shape == (40, 112, 112, 3)
     np.testing.assert_array_equal(loaded.faces[loaded.index_a], pairs.faces[pairs.index_a[chosen]])
@@ -199,8 +199,9 @@ def test_main_on_pair_shards(tmp_path, tmp_path_factory, shared_dir, capsys):
     exported = export_testing.exported_model(tmp_path_factory)  # shared with test_export
     values = {"model": str(exported.dir), "format": "saved_model",
               "pairs": str(tmp_path / "shards"), "teacher": None, "out_dir": str(tmp_path / "out"), "max_pairs": None,
-              "deletion_pairs": 2, "seed": 0, "detector": evaluate.DEFAULT_DETECTOR,
-              "occluders": list(evaluate.OCCLUDERS), "methods": ["xcos", "decomposition", "gradcam"]}
+              "deletion_pairs": 2, "seed": 0, "detector": paths.DEFAULT_DETECTOR,
+              "occluders": list(evaluate.OCCLUDERS), "methods": ["xcos", "decomposition", "gradcam"],
+              "max_megapixels": 50.0}
     _write_pair_shards(values["pairs"], _synthetic_pairs())
     args = types.SimpleNamespace(**{name: types.SimpleNamespace(value=value) for name, value in values.items()})
     evaluate.main(["evaluate"], args)

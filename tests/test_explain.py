@@ -10,7 +10,7 @@ import pytest
 import tiny_verifiers
 from common_testing import REPO_ROOT
 
-from xcos_tf import explain, explain_picture
+from xcos_tf import explain, explain_picture, paths
 from xcos_tf.data import align
 from xcos_tf.explanations import gradcam
 
@@ -271,7 +271,8 @@ def _run_explain(*args):
 def _main(capsys, *photos, **flag_values):
     """Runs explain's `main` in this process: (exit code, stdout, stderr)."""
     values = {"model": None, "format": "saved_model", "out": "", "json": False,
-              "detector": explain.DEFAULT_DETECTOR, "method": "xcos", "choose": "largest", **flag_values}
+              "detector": paths.DEFAULT_DETECTOR, "method": "xcos", "choose": "largest",
+              "max_megapixels": 50.0, **flag_values}
     args = types.SimpleNamespace(**{name: types.SimpleNamespace(value=value) for name, value in values.items()})
     code = 0
     try:

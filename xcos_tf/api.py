@@ -13,7 +13,9 @@ model.explain("a.jpg", "b.jpg", out="pair.png")  # the picture, as explain's com
 ```
 
 Photos are paths, RGB numpy arrays or PIL images. Raw photos are detected and aligned with
-YuNet (the largest face); aligned 112x112 crops are taken as they are. Alignment, scoring and the
+YuNet (the largest face); aligned 112x112 crops are taken as they are. A photo file of more
+than `max_megapixels` (50 by default; `load` and `verify` take another) is refused from its
+header before it is decoded. Alignment, scoring and the
 picture are `xcos_tf.explain`'s own functions, so a score here is the explain command line's.
 
 Nothing heavy is imported with `xcos_tf`: TensorFlow only when a `saved_model` is loaded.
@@ -26,7 +28,8 @@ import threading
 import numpy as np
 
 from xcos_tf import explain, explain_picture, runtime
-from xcos_tf.data import align
+from xcos_tf.data import align, image_io
+from xcos_tf.paths import DEFAULT_DETECTOR
 
 DEFAULT_MODEL = pathlib.Path(__file__).resolve().parents[1] / "exported" / "default"
 DECOMPOSE = "decompose"
@@ -84,12 +87,15 @@ class FaceModel:
     Args:
         runtime_model: a `xcos_tf.runtime.Runtime` (or an object with its interface).
         detector: str, YuNet's ONNX file; used only for photos that are not aligned crops.
+        max_megapixels: number > 0, photo files of more megapixels are refused (`ValueError`
+            naming the file) before they are decoded. Defaults to 50.
 
     Attributes: `runtime` (the `Runtime`: batches of aligned faces, `compare` on stored grids),
-    `threshold` (float or None).
+    `threshold` (float or None), `max_pixels` (the photo limit in pixels).
     """
 
-    def __init__(self, runtime_model, detector=explain.DEFAULT_DETECTOR):
+    def __init__(self, runtime_model, detector=DEFAULT_DETECTOR, max_megapixels=image_io.MAX_MEGAPIXELS):
+        self.max_pixels = image_io.pixel_limit(max_megapixels)
         self.runtime = runtime_model
         threshold = runtime_model.threshold
         self.threshold = None if threshold is None else float(threshold)
@@ -101,11 +107,11 @@ class FaceModel:
     def align(self, image, label="photo"):
         """(aligned RGB uint8 [112, 112, 3], note or None) of one photo, as explain aligns it.
 
-        Raises `ValueError` naming the photo: unreadable (`align.ImageError`), no usable face
-        (`align.FaceError`), or a wrong array.
+        Raises `ValueError` naming the photo: unreadable or too large (`align.ImageError`), no
+        usable face (`align.FaceError`), or a wrong array.
         """
         with self._align_lock:
-            return explain.align_photo(as_rgb(image, label), label, self._aligner)
+            return explain.align_photo(as_rgb(image, label), label, self._aligner, self.max_pixels)
 
     def _pair(self, image_a, image_b):
         face_a, note_a = self.align(image_a, "photo A")
@@ -159,7 +165,8 @@ class FaceModel:
                     face_a=face_a, face_b=face_b, notes=notes)
 
 
-def load(model=None, format="saved_model", detector=explain.DEFAULT_DETECTOR, num_threads=None):  # noqa: A002
+def load(model=None, format="saved_model", detector=DEFAULT_DETECTOR, num_threads=None,  # noqa: A002
+         max_megapixels=image_io.MAX_MEGAPIXELS):
     """Loads an exported model (default: the repository's exported/default) as a `FaceModel`.
 
     Args:
@@ -167,25 +174,32 @@ def load(model=None, format="saved_model", detector=explain.DEFAULT_DETECTOR, nu
         format: one of `xcos_tf.runtime.FORMATS`; only `saved_model` imports TensorFlow.
         detector: str, YuNet's ONNX file (needed for photos that are not aligned crops).
         num_threads: optional int, CPU threads for TFLite / onnxruntime.
+        max_megapixels: number > 0, the largest photo file accepted (checked from its header
+            before decoding). Defaults to 50.
     """
+    image_io.pixel_limit(max_megapixels)  # a wrong limit is reported before the (slow) load
     model_dir = default_model_dir() if model is None else os.fspath(model)
-    return FaceModel(runtime.load(model_dir, format=format, num_threads=num_threads), detector)
+    return FaceModel(runtime.load(model_dir, format=format, num_threads=num_threads), detector, max_megapixels)
 
 
 _CACHE = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def verify(image_a, image_b, model=None, format="saved_model", detector=explain.DEFAULT_DETECTOR):  # noqa: A002
-    """Verifies two photos in one call (see `FaceModel.verify` for the result).
+def verify(image_a, image_b, model=None, format="saved_model", detector=DEFAULT_DETECTOR,  # noqa: A002
+           max_megapixels=image_io.MAX_MEGAPIXELS):
+    """Verifies two photos in one call (see `FaceModel.verify` for the result); photo files of
+    more than `max_megapixels` (50 by default) are refused.
 
-    The loaded model is kept for later calls with the same `model`, `format` and `detector`, so
-    only the first call pays for loading it.
+    The loaded model is kept for later calls with the same `model` and `format` (and the
+    `FaceModel` for the same `detector` and limit), so only the first call pays for loading it.
     """
+    max_pixels = image_io.pixel_limit(max_megapixels)
     model_dir = os.path.abspath(default_model_dir() if model is None else os.fspath(model))
-    key = (model_dir, format, os.path.abspath(os.fspath(detector)))
+    key = (model_dir, format, os.path.abspath(os.fspath(detector)), max_pixels)
     with _CACHE_LOCK:
         if key not in _CACHE:
-            _CACHE[key] = load(model_dir, format=format, detector=detector)
+            loaded = next((cached.runtime for cached_key, cached in _CACHE.items() if cached_key[:2] == key[:2]), None)
+            _CACHE[key] = FaceModel(loaded or runtime.load(model_dir, format=format), detector, max_megapixels)
         face_model = _CACHE[key]
     return face_model.verify(image_a, image_b)

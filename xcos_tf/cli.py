@@ -11,6 +11,8 @@
   the lines still came): so file descriptor 2 points at /dev/null while that import runs,
   and is restored right after (errors printed later, by Python or by TensorFlow, still show).
 - The same shape: `define_flags()` (nothing at import), `main(argv)`, then `cli.run(main)`.
+- The flags several programs share are defined here, once: `define_model`, `define_format`,
+  `define_detector` and `define_max_megapixels` (with `max_pixels`, its checked value).
 """
 import contextlib
 import importlib.machinery
@@ -18,6 +20,12 @@ import os
 import sys
 
 from absl import app, flags
+
+from xcos_tf import paths
+
+# The flags defined here (the shared ones below, --verbose) belong to the program that asks for
+# them: absl then lists them in that program's --helpshort, beside its own.
+flags.disclaim_key_flags()
 
 EXIT_USER_ERROR = 2
 
@@ -114,3 +122,52 @@ def run(main):
             fail(str(error))
 
     app.run(checked_main, flags_parser=_parse_flags)
+
+
+# === Flags shared by several programs ===
+# Each program calls these in its own `define_flags()`; `help_text` says what the flag means
+# there when that differs from the common wording; `flag_values` as in absl (tests pass their own).
+
+MODEL_HELP = "Exported model folder (`python -m xcos_tf.export`)."
+FORMAT_HELP = "Which of the exported formats to run."
+DETECTOR_HELP = "YuNet face detector ONNX file."
+
+
+def define_model(help_text=MODEL_HELP, default=None, flag_values=flags.FLAGS):
+    """`--model`: the exported model to run."""
+    return flags.DEFINE_string("model", default, help_text, flag_values=flag_values)
+
+
+def define_format(help_text=FORMAT_HELP, default="saved_model", flag_values=flags.FLAGS):
+    """`--format`: one of the runtime's formats (`xcos_tf.runtime.FORMATS`)."""
+    from xcos_tf.manifest_check import KNOWN_FORMATS  # = runtime.FORMATS, without numpy
+
+    return flags.DEFINE_enum("format", default, KNOWN_FORMATS, help_text, flag_values=flag_values)
+
+
+def define_detector(help_text=DETECTOR_HELP, default=paths.DEFAULT_DETECTOR, flag_values=flags.FLAGS):
+    """`--detector`: the YuNet face detector (default: the shared folder's, `xcos_tf.paths`)."""
+    return flags.DEFINE_string("detector", default, help_text, flag_values=flag_values)
+
+
+def define_max_megapixels(flag_values=flags.FLAGS):
+    """`--max_megapixels`: the largest photo a program reads; read it with `max_pixels`."""
+    from xcos_tf.data import image_io  # OpenCV: only programs that read photos call this
+
+    return flags.DEFINE_float(
+        "max_megapixels", image_io.MAX_MEGAPIXELS,
+        "Refuse photos of more megapixels than this (width x height from the file's header, checked "
+        "before decoding: a small file can claim a huge image). Raise it for large photos.",
+        flag_values=flag_values,
+    )
+
+
+def max_pixels(megapixels):
+    """The pixel limit (`image_io.read_image`'s `max_pixels`) of a `--max_megapixels` value;
+    `UserError` unless it is a finite number > 0."""
+    from xcos_tf.data import image_io
+
+    try:
+        return image_io.pixel_limit(megapixels)
+    except ValueError as error:
+        raise UserError(f"--max_megapixels: {error}") from None

@@ -1,13 +1,15 @@
 """Web demo: drop two photos, see the xCos score, the decision and the picture of why.
 
-`python -m xcos_tf.demo --model DIR [--port 7860] [--host 127.0.0.1] [--format saved_model]`
+`python -m xcos_tf.demo --model DIR [--port 7860] [--host 127.0.0.1] [--format saved_model]
+[--max_upload_mb 10] [--max_megapixels 50]`
 
 A Gradio page (install with `pip install "xcos_tf[demo]"`). Each photo is detected and aligned
 with YuNet (the largest face; aligned 112x112 crops are used as they are), verified by the
 exported model, and explained with `xcos_tf.explain_picture.render_explanation`.
 
 What the page accepts and where things go:
-- Uploads: JPEG, PNG, WebP or BMP, at most `--max_upload_mb` (10 MB) and 50 megapixels. A wrong
+- Uploads: JPEG, PNG, WebP or BMP, at most `--max_upload_mb` (10 MB) and `--max_megapixels` (50:
+  a small file can hold a huge image; its header is read first, nothing is decoded). A wrong
   type, a corrupt or truncated file, a photo without a face, or a too large file gives a message
   on the page. Faces are searched for on a copy of at most 640 px on the longer side (YuNet
   misses faces that fill a large photo) and aligned from the full-resolution photo.
@@ -20,7 +22,6 @@ import importlib.util
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import types
 
@@ -33,20 +34,20 @@ from xcos_tf.data import align, image_io
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MAX_UPLOAD_MB = 10
 MB = 2**20  # Gradio's "mb" in `max_file_size`: its own size message then says the same number
-MAX_MEGAPIXELS = image_io.MAX_PIXELS / 10**6  # a small file can hold a huge image: refused before decoding
 TITLE = "xCos: explainable face verification"
 
 class UploadError(ValueError):
     """An uploaded photo that the demo refuses: wrong type, too large, unreadable, or no face."""
 
 
-def read_upload(path, name, max_bytes):
+def read_upload(path, name, max_bytes, max_pixels=image_io.MAX_PIXELS):
     """Reads one uploaded photo as RGB uint8 [H, W, 3]; `UploadError` names `name` and the problem.
 
     Args:
         path: str, where the upload was stored.
         name: str, how the page calls it, e.g. "photo A (holiday.jpg)".
-        max_bytes: int, the size limit.
+        max_bytes: int, the file size limit.
+        max_pixels: int, the image size limit (width x height, from the header).
     """
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in IMAGE_SUFFIXES:
@@ -59,7 +60,7 @@ def read_upload(path, name, max_bytes):
     with open(path, "rb") as f:
         data = f.read()
     try:  # the header is checked by content (type, pixel count) before anything is decoded
-        return image_io.decode_image(data, name=name, max_pixels=MAX_MEGAPIXELS * 10**6)
+        return image_io.decode_image(data, name=name, max_pixels=max_pixels)
     except image_io.ImageError as err:
         raise UploadError(str(err)) from None
 
@@ -76,11 +77,13 @@ def summary_markdown(result):
     return "\n".join([headline] + [f"- {note}" for note in result["notes"]])
 
 
-def compare_uploads(upload_a, upload_b, runtime_model, aligner, max_bytes, method="xcos"):
+def compare_uploads(upload_a, upload_b, runtime_model, aligner, max_bytes, method="xcos",
+                    max_pixels=image_io.MAX_PIXELS):
     """Explains one pair of uploads -> (summary Markdown, picture RGB uint8).
 
     `upload_a`, `upload_b` are Gradio file payloads (dicts with `path` and `orig_name`) or None;
-    `method` is one of `method_choices(runtime_model)`. Raises `UploadError` with a message for the page.
+    `method` is one of `method_choices(runtime_model)`; `max_bytes` and `max_pixels` are
+    `read_upload`'s limits. Raises `UploadError` with a message for the page.
     """
     names, faces, notes = [], [], []
     for label, upload in (("photo A", upload_a), ("photo B", upload_b)):
@@ -89,7 +92,7 @@ def compare_uploads(upload_a, upload_b, runtime_model, aligner, max_bytes, metho
         # The cached path keeps the uploaded file's name; the page names files as the user does.
         name = f"{label} ({upload.get('orig_name') or os.path.basename(upload['path'])})"
         try:
-            photo = read_upload(upload["path"], name, max_bytes)
+            photo = read_upload(upload["path"], name, max_bytes, max_pixels)
             face, note = explain.align_photo(photo, name, aligner)
         except align.FaceError as err:
             raise UploadError(f"{err}: use a photo where a face is clearly visible") from None
@@ -107,15 +110,17 @@ def method_choices(runtime_model):
     return [method for method in explain.METHODS if explain.method_available(runtime_model, method)] + ["all"]
 
 
-def build_demo(runtime_model, aligner, max_bytes=MAX_UPLOAD_MB * MB, model_label="", gallery=None):
+def build_demo(runtime_model, aligner, max_bytes=MAX_UPLOAD_MB * MB, model_label="", gallery=None,
+               max_pixels=image_io.MAX_PIXELS):
     """The Gradio page (a `gr.Blocks`, not launched). Import gradio only after GRADIO_TEMP_DIR is set.
 
-    `gallery`: an `xcos_tf.gallery.Gallery`, searched in a tab of its own (`--gallery INDEX`)."""
+    `gallery`: an `xcos_tf.gallery.Gallery`, searched in a tab of its own (`--gallery INDEX`);
+    `max_bytes` and `max_pixels`: the uploads' limits (`read_upload`)."""
     import gradio as gr
 
     def on_compare(upload_a, upload_b, method):
         try:
-            return compare_uploads(upload_a, upload_b, runtime_model, aligner, max_bytes, method)
+            return compare_uploads(upload_a, upload_b, runtime_model, aligner, max_bytes, method, max_pixels)
         except (UploadError, runtime.ModelOutputError) as err:
             # A user's mistake (or a broken model, named as such), not a crash: no traceback in
             # the log. 20 s on screen, so that the message of an earlier try does not linger.
@@ -141,7 +146,7 @@ def build_demo(runtime_model, aligner, max_bytes=MAX_UPLOAD_MB * MB, model_label
                            buttons=["download", "fullscreen"], elem_id="explanation")
         gr.Markdown(
             f"Accepted: {', '.join(s[1:].upper() for s in IMAGE_SUFFIXES)} up to {max_bytes / MB:g} MB "
-            f"and {MAX_MEGAPIXELS:g} megapixels. Uploads stay in a temporary folder deleted when the "
+            f"and {max_pixels / 1e6:g} megapixels. Uploads stay in a temporary folder deleted when the "
             f"server stops. {model_label}"
         )
         # preprocess=False: our own reader gives the page a clear message for a corrupt file,
@@ -154,7 +159,7 @@ def build_demo(runtime_model, aligner, max_bytes=MAX_UPLOAD_MB * MB, model_label
         if gallery is not None:
             from xcos_tf.gallery import demo_tab
 
-            demo_tab.search_tab(gallery, lambda path, name: read_upload(path, name, max_bytes),
+            demo_tab.search_tab(gallery, lambda path, name: read_upload(path, name, max_bytes, max_pixels),
                                 lambda message: gr.Error(message, duration=20, print_exception=False))
     return demo
 
@@ -169,11 +174,9 @@ def define_flags():
     """The command-line flags, defined only when this module runs as the script (as in explain,
     export and evaluate): importing the module registers nothing."""
     return types.SimpleNamespace(
-        model=flags.DEFINE_string("model", None, "Exported model folder (`python -m xcos_tf.export`)."),
-        format=flags.DEFINE_enum(
-            "format", "saved_model", runtime.FORMATS, "Which of the exported formats serves the page."
-        ),
-        detector=flags.DEFINE_string("detector", explain.DEFAULT_DETECTOR, "YuNet face detector ONNX file."),
+        model=cli.define_model(),
+        format=cli.define_format("Which of the exported formats serves the page."),
+        detector=cli.define_detector(),
         host=flags.DEFINE_string(
             "host", "127.0.0.1", "Address to listen on (0.0.0.0 exposes the page to the network)."
         ),
@@ -183,16 +186,17 @@ def define_flags():
         max_upload_mb=flags.DEFINE_integer(
             "max_upload_mb", MAX_UPLOAD_MB, "Largest accepted photo, in MB.", lower_bound=1
         ),
+        max_megapixels=cli.define_max_megapixels(),
     )
 
 
 def _fail(flags_given, problem):
-    print(f"xcos_tf.demo: {flags_given}: {problem}", file=sys.stderr)
-    sys.exit(explain.EXIT_BAD_INPUT)
+    raise cli.UserError(f"{flags_given}: {problem}")
 
 
 def main(argv, args):
     del argv
+    max_pixels = cli.max_pixels(args.max_megapixels.value)
     upload_dir = tempfile.mkdtemp(prefix="xcos_demo_")
     # Set before gradio is imported: some of its modules read these at import time.
     os.environ["GRADIO_TEMP_DIR"] = upload_dir
@@ -201,7 +205,7 @@ def main(argv, args):
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         if importlib.util.find_spec("gradio") is None:  # imported later, by build_demo
-            sys.exit('xcos_tf.demo needs Gradio: pip install "xcos_tf[demo]"')
+            raise cli.UserError('xcos_tf.demo needs Gradio: pip install "xcos_tf[demo]"')
         try:
             aligner = align.FaceAligner(args.detector.value, choose="largest")  # cheap: checked first
         except (OSError, ValueError, cv2.error) as err:  # cv2.error: not an ONNX file OpenCV can parse
@@ -216,12 +220,14 @@ def main(argv, args):
 
             try:
                 gallery = gallery_lib.Gallery.open(args.gallery.value,
-                                                   model=api.FaceModel(runtime_model, args.detector.value))
+                                                   model=api.FaceModel(runtime_model, args.detector.value,
+                                                                       args.max_megapixels.value))
             except (OSError, ValueError) as err:
                 _fail(f"--gallery {args.gallery.value}", err)
         demo = build_demo(
             runtime_model, aligner, max_bytes=args.max_upload_mb.value * MB,
             model_label=_model_label(runtime_model, args.model.value, args.format.value), gallery=gallery,
+            max_pixels=max_pixels,
         )
         try:
             demo.launch(

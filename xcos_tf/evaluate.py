@@ -1,7 +1,7 @@
 """Evaluate a verifier: the LFW protocol, robustness to occluders, and how faithful the maps are.
 
 `python -m xcos_tf.evaluate --model DIR --pairs PAIR_SHARDS_OR_LFW_DIR [--teacher PATH]
-[--out_dir DIR] [--max_pairs N] [--methods=xcos,decomposition,gradcam]`
+[--out_dir DIR] [--max_pairs N] [--methods=xcos,decomposition,gradcam] [--max_megapixels 50]`
 
 - Verification: k-fold accuracy over the pairs' own folds (10 for LFW; the threshold chosen on
   the other folds), TAR at FAR 1e-2
@@ -32,10 +32,10 @@ from absl import flags
 from xcos_tf import cli, faithfulness, metrics, progress, runtime
 from xcos_tf.occlusion import GREY, OCCLUDERS, SQUARE_SIZE, cell_coverage, occlude, occluder_box
 from xcos_tf.scoring import BATCH_SIZE, compare_grids, embed_faces, row_cosine
-from xcos_tf.data import align
+from xcos_tf.data import align, image_io
 from xcos_tf.data import pairs as pairs_lib
 from xcos_tf.data.pairs import spread_subset
-from xcos_tf.explain import DEFAULT_DETECTOR, METHODS, exit_with_error, method_available
+from xcos_tf.explain import METHODS, exit_with_error, method_available
 
 FARS = (1e-2, 1e-3)
 PROTOCOL_FOLDS = 10  # LFW's
@@ -72,10 +72,10 @@ class PairSet:
         return len(self.is_same)
 
 
-def load_lfw(lfw_dir, aligner, max_pairs=None):
+def load_lfw(lfw_dir, aligner, max_pairs=None, max_pixels=image_io.MAX_PIXELS):
     """LFW `pairs.txt` + `images/` -> `PairSet`, faces aligned by `aligner` (central face).
 
-    A photo where the detector finds no face is used whole, resized to 112x112 (the
+    A photo of more than `max_pixels` pixels is an `ImageError` naming it. A photo where the detector finds no face is used whole, resized to 112x112 (the
     deep-funneled LFW crops are centred on the face), so that no pair of the protocol is
     dropped; the count is in `source`.
     """
@@ -87,7 +87,7 @@ def load_lfw(lfw_dir, aligner, max_pairs=None):
     faces, undetected = [], 0
     _log(f"aligning {len(paths)} LFW images for {len(chosen)} pairs")
     for path in progress.bar(paths, description="aligning", unit="image"):
-        image = align.read_image(os.path.join(lfw_dir, "images", path))
+        image = align.read_image(os.path.join(lfw_dir, "images", path), max_pixels)
         try:
             faces.append(aligner.align(image, assume_aligned=False).image)
         except align.FaceError:
@@ -129,11 +129,12 @@ def load_pair_shards(path, max_pairs=None):
     )
 
 
-def load_pairs(path, detector, max_pairs=None):
-    """An LFW folder (with `pairs.txt`) or pair shards (a folder, file or glob) -> `PairSet`."""
+def load_pairs(path, detector, max_pairs=None, max_pixels=image_io.MAX_PIXELS):
+    """An LFW folder (with `pairs.txt`) or pair shards (a folder, file or glob) -> `PairSet`;
+    `max_pixels` limits the LFW photos (the shards hold aligned faces)."""
     path = os.fspath(path)
     if os.path.isfile(os.path.join(path, "pairs.txt")):
-        return load_lfw(path, align.FaceAligner(detector, choose="central"), max_pairs)
+        return load_lfw(path, align.FaceAligner(detector, choose="central"), max_pairs, max_pixels)
     if not glob.glob(path):  # before TensorFlow is imported for the shards
         raise FileNotFoundError(f"no such folder, file or glob match: {path!r}")
     return load_pair_shards(path, max_pairs)
@@ -368,8 +369,8 @@ def define_flags():
     """The command-line flags, defined only when this module runs as the script (absl refuses
     a flag defined twice, and other modules define `--model` too)."""
     return types.SimpleNamespace(
-        model=flags.DEFINE_string("model", None, "Exported model folder (`python -m xcos_tf.export`)."),
-        format=flags.DEFINE_enum("format", "saved_model", runtime.FORMATS, "Which of the exported formats to run."),
+        model=cli.define_model(),
+        format=cli.define_format(),
         pairs=flags.DEFINE_string(
             "pairs", None, "Pair shards (folder, file or glob) or an LFW folder with pairs.txt and images/."),
         teacher=flags.DEFINE_string("teacher", None, "Teacher model (.onnx, .tflite, SavedModel) for the teacher row."),
@@ -384,7 +385,8 @@ def define_flags():
         methods=flags.DEFINE_list(
             "methods", ["xcos"], f"Explanation methods for the faithfulness table, from {', '.join(METHODS)}; "
             "methods the model cannot run are named and skipped (empty: no table)."),
-        detector=flags.DEFINE_string("detector", DEFAULT_DETECTOR, "YuNet face detector ONNX file (LFW folders)."),
+        detector=cli.define_detector("YuNet face detector ONNX file (LFW folders)."),
+        max_megapixels=cli.define_max_megapixels(),
     )
 
 
@@ -397,6 +399,7 @@ def main(argv, args):
     unknown = sorted(set(args.methods.value) - set(METHODS))
     if unknown:
         exit_with_error(f"--methods: unknown {unknown}; valid: {', '.join(METHODS)}")
+    max_pixels = cli.max_pixels(args.max_megapixels.value)
     teacher = None
     if args.teacher.value:
         from xcos_tf.teacher import Teacher
@@ -406,7 +409,7 @@ def main(argv, args):
         except (OSError, ValueError) as err:
             exit_with_error(f"--teacher {args.teacher.value}: {err}")
     try:
-        pairs = load_pairs(args.pairs.value, args.detector.value, args.max_pairs.value)
+        pairs = load_pairs(args.pairs.value, args.detector.value, args.max_pairs.value, max_pixels)
     except (OSError, ValueError) as err:
         exit_with_error(f"--pairs {args.pairs.value}: {err}")
     try:

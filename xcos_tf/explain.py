@@ -1,7 +1,7 @@
 """Explain one face verification: score, decision, and the picture of why.
 
 `python -m xcos_tf.explain PHOTO_A PHOTO_B --model DIR [--method xcos|decomposition|gradcam|all]
-[--out pair.png] [--json] [--choose largest|central]`
+[--out pair.png] [--json] [--choose largest|central] [--max_megapixels 50]`
 
 Raw photos are detected and aligned with YuNet (`--choose`: the largest or the most central
 face when there are several); aligned 112x112 crops are taken as they are. The pair is
@@ -33,10 +33,10 @@ import numpy as np
 from absl import flags
 
 from xcos_tf import cli, runtime  # numpy only; the chosen format's backend is imported by `load`
-from xcos_tf.data import align
+from xcos_tf.data import align, image_io
 from xcos_tf.explain_picture import decide, save_explanation, single_map
 from xcos_tf.explanations import gradcam
-from xcos_tf.paths import DEFAULT_DETECTOR
+
 EXIT_BAD_INPUT = 2
 # Faces are searched for in a copy at most this large: YuNet misses a face that fills a large
 # photo (measured: an LFW close-up scaled to 1600 px: no face; to 1000 px: a box on half the
@@ -55,18 +55,19 @@ def _detection_copy(image):
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA), scale
 
 
-def align_photo(photo, label, aligner):
+def align_photo(photo, label, aligner, max_pixels=image_io.MAX_PIXELS):
     """One photo (a path or an RGB uint8 array) -> (aligned RGB uint8 face, note or None).
 
     Aligned 112x112 crops are used as they are. Other photos are searched for faces at most
     `DETECTION_MAX_SIDE` pixels wide or high (YuNet misses faces that fill a large photo),
     and the chosen face is then aligned from the full-resolution photo. The note says when
     the photo held several faces or was taken as a crop. `ImageError` and `FaceError`
-    messages name the photo (`label` for arrays, the path for files).
+    messages name the photo (`label` for arrays, the path for files); a file of more than
+    `max_pixels` pixels is an `ImageError` (`image_io.ImageTooLargeError`).
     """
     if isinstance(photo, (str, os.PathLike)):
         name = os.fspath(photo)
-        image = align.read_image(name)
+        image = align.read_image(name, max_pixels)
     else:
         name = label
         image = np.asarray(photo)
@@ -169,7 +170,7 @@ def explain_faces(face_a, face_b, runtime_model, notes=(), methods=("xcos",), ti
     }
 
 
-def explain_photos(photo_a, photo_b, runtime_model, aligner, methods=("xcos",)):
+def explain_photos(photo_a, photo_b, runtime_model, aligner, methods=("xcos",), max_pixels=image_io.MAX_PIXELS):
     """Aligns two photos, verifies them and returns everything needed to explain the result.
 
     Args:
@@ -179,6 +180,8 @@ def explain_photos(photo_a, photo_b, runtime_model, aligner, methods=("xcos",)):
             cos_map, attention_map) and `.threshold` (float or None), e.g. `xcos_tf.runtime.load`.
         aligner: `xcos_tf.data.align.FaceAligner` (the CLI's `--choose`, default `"largest"`).
         methods: names in `METHODS`, in the order they are drawn. Defaults to `("xcos",)`.
+        max_pixels: int, photo files with more pixels are refused before decoding
+            (`image_io.MAX_PIXELS`, 50 megapixels, by default).
 
     Returns:
         dict: `score` float (the xCos score), `threshold` float or None, `decision` "same" /
@@ -194,8 +197,8 @@ def explain_photos(photo_a, photo_b, runtime_model, aligner, methods=("xcos",)):
         `FaceTooSmallError`) when no usable face is found; both `ValueError`s whose message
         names the photo; `MethodUnavailableError` for a method the model cannot run.
     """
-    face_a, note_a = align_photo(photo_a, "photo A", aligner)
-    face_b, note_b = align_photo(photo_b, "photo B", aligner)
+    face_a, note_a = align_photo(photo_a, "photo A", aligner, max_pixels)
+    face_b, note_b = align_photo(photo_b, "photo B", aligner, max_pixels)
     notes = [note for note in (note_a, note_b) if note]
     return explain_faces(face_a, face_b, runtime_model, notes, methods, pair_title(photo_a, photo_b))
 
@@ -232,14 +235,15 @@ def define_flags():
     """The command-line flags, defined only when this module runs as the script: the web demo
     imports it and defines its own `--model`, and absl refuses a flag defined twice."""
     return types.SimpleNamespace(
-        model=flags.DEFINE_string("model", None, "Exported model folder (`python -m xcos_tf.export`)."),
-        format=flags.DEFINE_enum("format", "saved_model", runtime.FORMATS, "Which of the exported formats to run."),
+        model=cli.define_model(),
+        format=cli.define_format(),
         out=flags.DEFINE_string("out", "xcos_explanation.png", "Where to write the picture (PNG); empty: none."),
         json=flags.DEFINE_bool("json", False, "Print score, decision, threshold and the method's maps as JSON."),
-        detector=flags.DEFINE_string("detector", DEFAULT_DETECTOR, "YuNet face detector ONNX file."),
+        detector=cli.define_detector(),
         method=flags.DEFINE_enum("method", "xcos", [*METHODS, "all"],
                                  "How to explain the pair; all: one picture row per method the model can run."),
         choose=flags.DEFINE_enum("choose", "largest", list(align.CHOICES), "Which face when a photo has several."),
+        max_megapixels=cli.define_max_megapixels(),
     )
 
 
@@ -253,11 +257,12 @@ def main(argv, args):
     if len(argv) != 3:
         exit_with_error(f"expected two photos: python -m xcos_tf.explain PHOTO_A PHOTO_B --model DIR. "
                         f"Received: {argv[1:]}")
+    max_pixels = cli.max_pixels(args.max_megapixels.value)
     # Photos first: a bad photo is reported before the (slow) model load, and aligned crops
     # need no face detector (a fresh clone has none).
     for photo in argv[1:]:
         try:
-            image = align.read_image(photo)
+            image = align.read_image(photo, max_pixels)
         except ValueError as err:  # ImageError
             exit_with_error(str(err))
         if not align.is_aligned_crop(image) and not os.path.isfile(args.detector.value):
@@ -268,7 +273,7 @@ def main(argv, args):
     faces, notes = [], []
     for photo, label in zip(argv[1:], ("photo A", "photo B")):
         try:
-            face, note = align_photo(photo, label, aligner)
+            face, note = align_photo(photo, label, aligner, max_pixels)
         except ValueError as err:  # ImageError, FaceError
             exit_with_error(str(err))
         faces.append(face)

@@ -9,8 +9,9 @@ A few hundred bytes of PNG can claim 60000x60000 pixels, and a 4 MB Radiance-HDR
 2. reads the format and the size from the header, by content (the file name plays no part), and
    accepts only `FORMATS` (PNG, JPEG, BMP, WebP): every other type OpenCV could decode (HDR,
    EXR, TIFF, PNM, GIF, ...) is refused before OpenCV sees it;
-3. refuses more than `max_pixels` pixels (`MAX_PIXELS`, 50 megapixels, by default; callers
-   expose a flag to raise it), with one line naming the file and its size;
+3. refuses more than `max_pixels` pixels (`MAX_PIXELS`, 50 megapixels, by default; every program
+   that reads photos raises it with `--max_megapixels`, the API with `max_megapixels=`: both
+   read by `pixel_limit`), with one line naming the file, its size and the limit;
 4. only then decodes with `cv2.imdecode`, and checks that the decoded size is the header's.
 
 OpenCV and numpy only (the on-device tool imports this without TensorFlow).
@@ -20,13 +21,15 @@ image = read_image("photo.jpg")             # RGB uint8 [H, W, 3]
 image = decode_image(data, name="upload")   # the same from bytes
 ```
 """
+import math
 import os
 import struct
 
 import cv2
 import numpy as np
 
-MAX_PIXELS = 50_000_000
+MAX_MEGAPIXELS = 50
+MAX_PIXELS = MAX_MEGAPIXELS * 1_000_000
 FORMATS = ("png", "jpeg", "bmp", "webp")
 # The JPEG start-of-frame markers that carry the frame size (C4, C8 and CC are not frames).
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
@@ -119,6 +122,18 @@ def image_header(data):
     else:
         return None
     return None if size is None else (kind, *size)
+
+
+def pixel_limit(megapixels):
+    """`max_pixels` for a limit given in megapixels (a finite number > 0, e.g. 0.01 or 200): how
+    `--max_megapixels` and the API's `max_megapixels` are read. `ValueError` otherwise."""
+    try:
+        value = float(megapixels)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(megapixels, bool) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"the megapixel limit must be a finite number > 0. Received: {megapixels!r}")
+    return max(1, round(value * 1_000_000))
 
 
 def _check_pixels(header, name, max_pixels):

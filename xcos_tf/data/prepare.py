@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 
 from xcos_tf import teacher as teacher_lib
-from xcos_tf.data import align
+from xcos_tf.data import align, image_io
 
 REJECT_REASONS = {
     align.ImageError: "unreadable",
@@ -39,6 +39,8 @@ class Settings:
         image_format: "jpeg" or "png".
         jpeg_quality: int.
         teacher: dict of `teacher.Teacher` arguments (path, color, mean, scale, layout) or None.
+        max_pixels: int, larger images are rejected as unreadable (from the header, before
+            decoding). Defaults to `image_io.MAX_PIXELS`, 50 megapixels.
     """
 
     detector: str
@@ -50,6 +52,7 @@ class Settings:
     image_format: str = "jpeg"
     jpeg_quality: int = 95
     teacher: Optional[dict] = None
+    max_pixels: int = image_io.MAX_PIXELS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +95,9 @@ class FacePreparer:
         """`source` is a file path or encoded image bytes; `name` is how rejects refer to it."""
         try:
             if isinstance(source, bytes):
-                image = align.decode_image(source, name)
+                image = align.decode_image(source, name, self.settings.max_pixels)
             else:
-                image = align.read_image(source)
+                image = align.read_image(source, self.settings.max_pixels)
             if self.aligner is None:
                 face = align.aligned_crop(image)
             else:

@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 
 from xcos_tf import progress as progress_lib
-from xcos_tf.data import align, pairs as pairs_lib, prepare, records
+from xcos_tf.data import align, image_io, pairs as pairs_lib, prepare, records
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # Settings whose change makes existing shards in --out_dir stale.
@@ -214,6 +214,9 @@ def _alignment_config(settings):
     if settings.detect_padding:
         # Only when used: shard sets made before the option keep matching their settings.
         config["detect_padding"] = settings.detect_padding
+    if settings.max_pixels != image_io.MAX_PIXELS:
+        # Only when raised or lowered, likewise: the limit decides which images are rejects.
+        config["max_pixels"] = settings.max_pixels
     return config
 
 

@@ -29,6 +29,7 @@ def define_flags():
         "threshold": flags.DEFINE_float("threshold", None, "Decision threshold on the score, recorded in the manifest."),
         "far": flags.DEFINE_float("far", None, "False-accept rate at which --threshold was chosen."),
         "model_card": flags.DEFINE_string("model_card", None, "A MODEL_CARD.md to copy into the folder."),
+        "max_megapixels": cli.define_max_megapixels(),
         "teacher_onnx": flags.DEFINE_string(
             "teacher_onnx", None,
             "The original teacher ONNX model: adds the `decompose` signature (its cosine split per cell) to the "
@@ -41,6 +42,7 @@ def main(argv, args):
     if len(argv) > 1:
         raise cli.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
     values = {key: holder.value for key, holder in args.items()}
+    max_pixels = cli.max_pixels(values["max_megapixels"])
     # TensorFlow's own INFO lines (signature renames, saver timings) drown the export's progress.
     logging.get_absl_handler().addFilter(
         lambda record: record.levelno > python_logging.INFO or os.path.dirname(record.pathname) == os.path.dirname(os.path.abspath(__file__))
@@ -55,12 +57,12 @@ def main(argv, args):
         image_size = int(verifier.embed.input["image"].shape[1])  # the faces' size is the model's
         calibration = None
         if values["calibration_dir"]:
-            calibration = load_faces(values["calibration_dir"], values["calibration_size"], image_size)
+            calibration = load_faces(values["calibration_dir"], values["calibration_size"], image_size, max_pixels)
         sample = None
         if values["sample_faces"]:
             if len(values["sample_faces"]) != 2:
                 raise ValueError(f"--sample_faces takes two images. Received: {values['sample_faces']}")
-            sample = np.stack([align.read_image(path) for path in values["sample_faces"]])
+            sample = np.stack([align.read_image(path, max_pixels) for path in values["sample_faces"]])
         manifest = export_model(
             verifier,
             values["out"],

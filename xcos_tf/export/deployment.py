@@ -14,7 +14,7 @@ from absl import logging
 
 from xcos_tf import backbones
 from xcos_tf import model as xcos_model
-from xcos_tf.data import align, records
+from xcos_tf.data import align, image_io, records
 from xcos_tf.explanations import decomposition
 from xcos_tf.export import manifest as manifest_module
 from xcos_tf.export import onnx, saved_model, tflite
@@ -207,9 +207,10 @@ def export_model(
     return manifest
 
 
-def load_faces(folder, limit=CALIBRATION_SIZE, image_size=112):
+def load_faces(folder, limit=CALIBRATION_SIZE, image_size=112, max_pixels=image_io.MAX_PIXELS):
     """Up to `limit` aligned `image_size` x `image_size` faces from the images under `folder`, spread evenly over
-    the sorted file list (so over the people of an ImageFolder tree)."""
+    the sorted file list (so over the people of an ImageFolder tree); a file of more than `max_pixels` pixels is
+    an `ImageError` before it is decoded."""
     paths = sorted(
         path
         for pattern in ("**/*.jpg", "**/*.jpeg", "**/*.png")
@@ -220,7 +221,7 @@ def load_faces(folder, limit=CALIBRATION_SIZE, image_size=112):
     chosen = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, min(limit, len(paths)))]
     faces = []
     for path in chosen:
-        image = align.read_image(path)
+        image = align.read_image(path, max_pixels)
         if image.shape[:2] != (image_size, image_size):
             raise ValueError(
                 f"{path}: expected an aligned {image_size}x{image_size} face crop, got {image.shape[1]}x{image.shape[0]}"

@@ -3,8 +3,11 @@
     python -m xcos_tf.gallery enroll --model exported/default --images FOLDER --out INDEX
     python -m xcos_tf.gallery search PHOTO_OR_FOLDER --gallery INDEX --top 5 [--json] [--out hits.png]
 
-`enroll` reads an ImageFolder of people (`FOLDER/person/photo.jpg`); photos without a face are
-listed as rejects (in INDEX/rejects.json), never fatal; running it again adds only new photos.
+Both take `--max_megapixels` (50): a larger photo is refused from its header, before decoding.
+
+`enroll` reads an ImageFolder of people (`FOLDER/person/photo.jpg`); photos without a face, or
+over the pixel limit, are listed as rejects (in INDEX/rejects.json), never fatal; running it
+again adds only new photos.
 `search` prints, per probe, the best `--top` people (their best photo, the xCos score); `--json`
 prints one object `{probe: [{"identity", "photo", "score", "cos_map", "attention_map"}, ...]}`.
 A probe folder is searched photo by photo; a probe without a face is a note there (an error for
@@ -17,16 +20,19 @@ import types
 
 from absl import flags
 
-from xcos_tf import cli, explain, runtime
+from xcos_tf import cli, explain
 from xcos_tf.gallery import enroll as enroll_lib, index as index_lib, search as search_lib
 
 COMMANDS = ("enroll", "search")
+# The flags defined below belong to the program (`python -m xcos_tf.gallery`, its __main__):
+# absl lists them in its --helpshort.
+flags.disclaim_key_flags()
 
 
 def define_flags():
     return types.SimpleNamespace(
-        model=flags.DEFINE_string("model", None, "enroll: exported model folder. search: default: the gallery's."),
-        format=flags.DEFINE_enum("format", "saved_model", runtime.FORMATS, "Which of the exported formats to run."),
+        model=cli.define_model("enroll: exported model folder. search: default: the gallery's."),
+        format=cli.define_format(),
         images=flags.DEFINE_string("images", None, "enroll: ImageFolder of people, FOLDER/person/photo.jpg."),
         out=flags.DEFINE_string("out", None, "enroll: the index folder to write. search: a PNG of the hits."),
         gallery=flags.DEFINE_string("gallery", None, "search: the index folder made by enroll."),
@@ -34,8 +40,9 @@ def define_flags():
         json=flags.DEFINE_bool("json", False, "search: print the hits as one JSON object."),
         shortlist=flags.DEFINE_integer("shortlist", search_lib.SHORTLIST,
                                        "search: faces FAISS hands to the xCos re-ranking.", lower_bound=1),
-        detector=flags.DEFINE_string("detector", explain.DEFAULT_DETECTOR, "YuNet face detector ONNX file."),
+        detector=cli.define_detector(),
         progress=flags.DEFINE_bool("progress", True, "enroll: show progress on stderr."),
+        max_megapixels=cli.define_max_megapixels(),
     )
 
 
@@ -43,7 +50,8 @@ def _load_model(model_dir, args):
     from xcos_tf import api
 
     try:
-        return api.load(model_dir, format=args.format.value, detector=args.detector.value)
+        return api.load(model_dir, format=args.format.value, detector=args.detector.value,
+                        max_megapixels=args.max_megapixels.value)
     except (OSError, ValueError) as err:
         explain.exit_with_error(f"--model {model_dir}: {err}")
 
@@ -131,6 +139,7 @@ def main(argv, args):
         explain.exit_with_error(f"expected a command, one of {', '.join(COMMANDS)}: "
                                 "python -m xcos_tf.gallery enroll|search ... Received: "
                                 f"{argv[1] if len(argv) > 1 else 'none'}")
+    cli.max_pixels(args.max_megapixels.value)  # checked before anything is read
     (run_enroll if argv[1] == "enroll" else run_search)(argv, args)
 
 
