@@ -1,13 +1,15 @@
 """tools/check_serving_request.py: a TF Serving request checked against the shipped SavedModel and run."""
 import json
+import types
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from absl import flags
 from common_testing import REPO_ROOT
 
 from tools import check_serving_request as check
-from xcos_tf import runtime
+from xcos_tf import cli, runtime
 
 MODEL_DIR = REPO_ROOT / "exported" / "default"
 REQUEST = MODEL_DIR / "tf_serving_request.json"
@@ -20,14 +22,23 @@ def signatures():
     return tf.saved_model.load(check.saved_model_path(str(MODEL_DIR))).signatures
 
 
+def _main(*argv):
+    """The tool's `main` in this process, its flags parsed by absl as on the command line."""
+    flag_values = flags.FlagValues()
+    args = check.define_flags(flag_values)
+    check.main(flag_values(["check_serving_request.py", *argv]), args)
+
+
 def _run(capsys, *argv):
-    with pytest.raises(SystemExit) as stopped:
-        check.main(["check_serving_request.py", *argv])
-    return stopped.value.code, capsys.readouterr()
+    """(exit code, captured output) of a run that fails: `cli.run` prints the error on one line, exit 2."""
+    with pytest.raises(cli.UserError) as error:
+        _main(*argv)
+    captured = capsys.readouterr()
+    return cli.EXIT_USER_ERROR, types.SimpleNamespace(out=captured.out, err=captured.err + f"error: {error.value}\n")
 
 
 def test_shipped_request_runs_as_the_runtime_answers(capsys):
-    check.main(["check_serving_request.py", str(REQUEST), "--model", str(MODEL_DIR)])
+    _main(str(REQUEST), "--model", str(MODEL_DIR))
     captured = capsys.readouterr()
     assert "matches signature `verify`" in captured.err
     prediction = json.loads(captured.out)["predictions"][0]
@@ -104,7 +115,7 @@ def test_grpc_route_builds_the_predict_request_and_names_an_absent_server(capsys
             return reply
 
     monkeypatch.setattr(prediction_service_pb2_grpc, "PredictionServiceStub", Stub)
-    check.main(["check_serving_request.py", str(REQUEST), "--model", str(MODEL_DIR), "--grpc", "localhost:1"])
+    _main(str(REQUEST), "--model", str(MODEL_DIR), "--grpc", "localhost:1")
     captured = capsys.readouterr()
     assert json.loads(captured.out) == {"predictions": [{"score": 0.25}]}
     request = sent["request"]

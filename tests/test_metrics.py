@@ -75,20 +75,16 @@ def test_unresolved_far_names_the_smallest_resolvable_far():
 
 def test_choose_threshold_warns_when_the_far_target_is_unresolvable(monkeypatch, capsys):
     import json
-
-    from absl import flags
+    import types
 
     from tools import choose_threshold
     scores = np.linspace(0, 1, 150)
     is_same = np.arange(150) >= 100  # 100 different-person pairs
     monkeypatch.setattr(choose_threshold.xcos_model, "build_verifier", lambda path: None)
     monkeypatch.setattr(choose_threshold, "pair_scores", lambda verifier, patterns: (scores, is_same))
-    flag_values = flags.FLAGS
-    flag_values(["choose_threshold", "--weights=w.keras", "--pairs=p", "--far=1e-3"])
-    try:
-        choose_threshold.main([])
-    finally:
-        flag_values.unparse_flags()
+    values = {"weights": "w.keras", "pairs": ["p"], "far": 1e-3}
+    args = types.SimpleNamespace(**{name: types.SimpleNamespace(value=value) for name, value in values.items()})
+    choose_threshold.main(["choose_threshold"], args)
     out, err = capsys.readouterr()
     assert err.strip() == "warning: " + metrics.unresolved_far(1e-3, 100)
     result = json.loads(out)

@@ -13,7 +13,7 @@ TOOL = os.path.join(ROOT, "tools", "load_test_demo.py")
 def test_load_test_refuses_a_server_that_is_not_on_loopback(url):
     result = subprocess.run([sys.executable, TOOL, "--url", url, "--requests", "1"],
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1 and "error: --url must be on 127.0.0.1 or localhost" in result.stderr
+    assert result.returncode == 2 and "error: --url must be on 127.0.0.1 or localhost" in result.stderr
     assert "successes" not in result.stdout  # nothing was sent
 
 

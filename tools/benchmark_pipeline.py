@@ -13,6 +13,7 @@ import os
 import platform
 import sys
 import time
+import types
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -23,29 +24,33 @@ cli.quiet_startup(__name__)  # before TensorFlow is imported
 
 from absl import flags  # noqa: E402
 
-from xcos_tf import teacher as teacher_lib  # noqa: E402
-from xcos_tf.data import align, prepare  # noqa: E402
-
-_SHARED_IMAGES = os.path.join(os.path.dirname(align.DEFAULT_DETECTOR), os.pardir, "data", "celeba_subset", "images")
-
-_SHARDS = flags.DEFINE_string("shards", None, "Existing face shards (folder or glob).")
-_SYNTHETIC = flags.DEFINE_bool("synthetic", False, "Benchmark on random synthetic shards.")
-_IMAGES = flags.DEFINE_string("images", os.path.normpath(_SHARED_IMAGES), "ImageFolder to make shards from.")
-_MAX_IDENTITIES = flags.DEFINE_integer("max_identities", 100, "Identities of --images to use.")
-_WORK_DIR = flags.DEFINE_string("work_dir", "/tmp/xcos_tf_benchmark_shards", "Where made shards are kept.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Pairs per batch.")
-_WARMUP = flags.DEFINE_integer("warmup_batches", 20, "Batches before timing (fills shuffle buffers).")
-_BATCHES = flags.DEFINE_integer("batches", 100, "Timed batches.")
-_SHUFFLE_BUFFER = flags.DEFINE_integer("shuffle_buffer", 10_000, "Records per shuffle buffer.")
+from tools import machine  # noqa: E402
+from xcos_tf import paths  # noqa: E402
 
 
-def _make_real_shards(out_dir):
-    from xcos_tf.data import shard_writer
+def define_flags():
+    """The command-line flags, defined only when this file runs as the program."""
+    return types.SimpleNamespace(
+        shards=flags.DEFINE_string("shards", None, "Existing face shards (folder or glob)."),
+        synthetic=flags.DEFINE_bool("synthetic", False, "Benchmark on random synthetic shards."),
+        images=flags.DEFINE_string("images", paths.shared_path("data", "celeba_subset", "images"),
+                                   "ImageFolder to make shards from."),
+        max_identities=flags.DEFINE_integer("max_identities", 100, "Identities of --images to use."),
+        work_dir=flags.DEFINE_string("work_dir", "/tmp/xcos_tf_benchmark_shards", "Where made shards are kept."),
+        batch_size=flags.DEFINE_integer("batch_size", 64, "Pairs per batch."),
+        warmup_batches=flags.DEFINE_integer("warmup_batches", 20, "Batches before timing (fills shuffle buffers)."),
+        batches=flags.DEFINE_integer("batches", 100, "Timed batches."),
+        shuffle_buffer=flags.DEFINE_integer("shuffle_buffer", 10_000, "Records per shuffle buffer."),
+    )
 
-    identities = set(sorted(os.listdir(_IMAGES.value))[:_MAX_IDENTITIES.value])
-    items = [item for item in shard_writer.list_image_folder(_IMAGES.value) if item[1] in identities]
-    settings = prepare.Settings(detector=align.DEFAULT_DETECTOR, teacher={"path": teacher_lib.DEFAULT_TEACHER})
-    manifest = shard_writer.make_face_shards(items, _IMAGES.value, out_dir, settings, shard_mb=10.0)
+
+def _make_real_shards(out_dir, args):
+    from xcos_tf.data import prepare, shard_writer
+
+    identities = set(sorted(os.listdir(args.images.value))[:args.max_identities.value])
+    items = [item for item in shard_writer.list_image_folder(args.images.value) if item[1] in identities]
+    settings = prepare.Settings(detector=paths.DEFAULT_DETECTOR, teacher={"path": paths.DEFAULT_TEACHER})
+    manifest = shard_writer.make_face_shards(items, args.images.value, out_dir, settings, shard_mb=10.0)
     return manifest
 
 
@@ -59,7 +64,7 @@ def _measure(dataset, warmup, batches):
     return time.perf_counter() - start
 
 
-def main(argv):
+def main(argv, args):
     del argv
     import cv2
     import numpy as np
@@ -67,36 +72,38 @@ def main(argv):
 
     from xcos_tf.data import pipeline, records
 
-    if _SYNTHETIC.value:
-        source = os.path.join(_WORK_DIR.value, "synthetic")
+    if args.synthetic.value:
+        source = os.path.join(args.work_dir.value, "synthetic")
         records.write_synthetic_shards(source, num_shards=4, records_per_shard=500, num_classes=200, seed=0)
         description = "synthetic: 2000 random faces, 200 classes"
-    elif _SHARDS.value:
-        source, description = _SHARDS.value, f"shards {_SHARDS.value}"
+    elif args.shards.value:
+        source, description = args.shards.value, f"shards {args.shards.value}"
     else:
-        source = os.path.join(_WORK_DIR.value, f"celeba_{_MAX_IDENTITIES.value}")
-        manifest = _make_real_shards(source)
+        source = os.path.join(args.work_dir.value, f"celeba_{args.max_identities.value}")
+        manifest = _make_real_shards(source, args)
         description = (f"{manifest['num_records']} aligned faces of {manifest['num_classes']} identities "
-                       f"from {_IMAGES.value}, {len(manifest['shards'])} shard(s), JPEG, teacher embeddings")
+                       f"from {args.images.value}, {len(manifest['shards'])} shard(s), JPEG, teacher embeddings")
     scan = pipeline.scan_shards(source)
 
-    print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} (1 min)")
+    print(f"machine: {machine.describe()}, load average {os.getloadavg()[0]:.1f} (1 min)")
     print(f"versions: python {platform.python_version()}, tensorflow {tf.__version__}, numpy {np.__version__}, "
           f"opencv {cv2.__version__}")
     print(f"data: {description}; {sum(scan.counts)} records")
-    print(f"batch {_BATCH_SIZE.value} pairs, {_WARMUP.value} warm-up + {_BATCHES.value} timed batches")
+    print(f"batch {args.batch_size.value} pairs, {args.warmup_batches.value} warm-up + {args.batches.value} "
+          "timed batches")
     for name, kwargs in (
         ("augment, non-deterministic (training default)", {}),
         ("augment, deterministic", {"deterministic": True}),
         ("no augment", {"augment": False}),
     ):
-        dataset = pipeline.pair_dataset(source, _BATCH_SIZE.value, seed=0, shuffle_buffer=_SHUFFLE_BUFFER.value, **kwargs)
-        seconds = _measure(dataset, _WARMUP.value, _BATCHES.value)
-        pairs_per_second = _BATCHES.value * _BATCH_SIZE.value / seconds
+        dataset = pipeline.pair_dataset(source, args.batch_size.value, seed=0,
+                                        shuffle_buffer=args.shuffle_buffer.value, **kwargs)
+        seconds = _measure(dataset, args.warmup_batches.value, args.batches.value)
+        pairs_per_second = args.batches.value * args.batch_size.value / seconds
         print(f"  {name:48s} {pairs_per_second:8.0f} pairs/s  ({2 * pairs_per_second:.0f} images/s)")
     print("compare with the training step's rate: python tools/benchmark_training.py")
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    _ARGS = define_flags()
+    cli.run(lambda argv: main(argv, _ARGS))

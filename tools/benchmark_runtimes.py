@@ -14,26 +14,42 @@ import pathlib
 import sys
 import tempfile
 import time
-
-from absl import app, flags
+import types
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-from tools import machine  # noqa: E402
 
-_BACKBONE = flags.DEFINE_string("backbone", "mobilefacenet", "Backbone of the random-weight model (xcos_tf.backbones.get).")
-_WEIGHTS = flags.DEFINE_string("weights", None, "Time this trained model (.keras or run folder) instead of a random one.")
-_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "16"], "Pairs per call to time.")
-_SECONDS = flags.DEFINE_float("seconds", 3.0, "Timed seconds per runtime, batch size and repeat (after warm-up).")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Round-robin repeats; the best pairs/s of each cell is reported.")
-_THREADS = flags.DEFINE_integer("threads", os.cpu_count(), "CPU threads for TFLite and onnxruntime.")
-_CALIBRATION_DIR = flags.DEFINE_string(
-    "calibration_dir", str(REPO_ROOT.parent / "shared" / "data" / "glint_sample" / "images"),
-    "Aligned 112x112 faces: int8 calibration and the timed pairs.",
-)
-_CALIBRATION_SIZE = flags.DEFINE_integer("calibration_size", 200, "Faces for int8 calibration.")
-_OUT = flags.DEFINE_string("out", None, "Keep the export here (default: a temporary folder).")
-_REUSE = flags.DEFINE_bool("reuse", False, "Time the export already in --out (same backbone and seed) instead of exporting.")
+from xcos_tf import cli  # noqa: E402
+
+cli.quiet_startup(__name__)  # before TensorFlow is imported
+
+from absl import flags  # noqa: E402
+
+from tools import machine  # noqa: E402
+from xcos_tf import paths  # noqa: E402
+
+
+def define_flags():
+    """The command-line flags, defined only when this file runs as the program."""
+    return types.SimpleNamespace(
+        backbone=flags.DEFINE_string("backbone", "mobilefacenet",
+                                     "Backbone of the random-weight model (xcos_tf.backbones.get)."),
+        weights=flags.DEFINE_string("weights", None,
+                                    "Time this trained model (.keras or run folder) instead of a random one."),
+        batch_sizes=flags.DEFINE_list("batch_sizes", ["1", "16"], "Pairs per call to time."),
+        seconds=flags.DEFINE_float("seconds", 3.0,
+                                   "Timed seconds per runtime, batch size and repeat (after warm-up)."),
+        repeats=flags.DEFINE_integer("repeats", 3, "Round-robin repeats; the best pairs/s of each cell is reported."),
+        threads=flags.DEFINE_integer("threads", os.cpu_count(), "CPU threads for TFLite and onnxruntime."),
+        calibration_dir=flags.DEFINE_string(
+            "calibration_dir", paths.shared_path("data", "glint_sample", "images"),
+            "Aligned 112x112 faces: int8 calibration and the timed pairs.",
+        ),
+        calibration_size=flags.DEFINE_integer("calibration_size", 200, "Faces for int8 calibration."),
+        out=flags.DEFINE_string("out", None, "Keep the export here (default: a temporary folder)."),
+        reuse=flags.DEFINE_bool("reuse", False,
+                                "Time the export already in --out (same backbone and seed) instead of exporting."),
+    )
 
 
 def folder_bytes(path):
@@ -54,32 +70,33 @@ def pairs_per_second(verify, faces_a, faces_b, batch_size, seconds):
     return calls * batch_size / (time.perf_counter() - start)
 
 
-def main(argv):
-    del argv
+def main(argv, args):
+    if len(argv) > 1:
+        raise cli.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
     import keras
     import numpy as np
 
     from xcos_tf import backbones, export, runtime
     from xcos_tf import model as xcos_model
 
-    batch_sizes = [int(size) for size in _BATCH_SIZES.value]
-    if _WEIGHTS.value:
-        verifier, model_label = export.resolve_verifier(_WEIGHTS.value), f"{_WEIGHTS.value} (given weights)"
+    batch_sizes = [int(size) for size in args.batch_sizes.value]
+    if args.weights.value:
+        verifier, model_label = export.resolve_verifier(args.weights.value), f"{args.weights.value} (given weights)"
     else:
         keras.utils.set_random_seed(0)
-        trainer = xcos_model.build_trainer(backbones.get(_BACKBONE.value), num_classes=1000)
+        trainer = xcos_model.build_trainer(backbones.get(args.backbone.value), num_classes=1000)
         verifier = xcos_model.build_verifier(trainer)
-        model_label = f"{_BACKBONE.value} + 7x7x32 grid + xCos head, random weights"
-    faces = export.load_faces(_CALIBRATION_DIR.value, _CALIBRATION_SIZE.value)
+        model_label = f"{args.backbone.value} + 7x7x32 grid + xCos head, random weights"
+    faces = export.load_faces(args.calibration_dir.value, args.calibration_size.value)
     pair_count = max(batch_sizes)
     faces_a, faces_b = faces[:pair_count].astype(np.float32), faces[-pair_count:].astype(np.float32)
 
     with tempfile.TemporaryDirectory() as scratch:
-        out_dir = _OUT.value or os.path.join(scratch, "export")
+        out_dir = args.out.value or os.path.join(scratch, "export")
         keras_path = os.path.join(scratch, "verify.keras")
         verifier.verify.save(keras_path)
         start = time.perf_counter()
-        if _REUSE.value and _OUT.value:
+        if args.reuse.value and args.out.value:
             manifest = runtime.read_manifest(out_dir)
         else:
             manifest = export.export_model(verifier, out_dir, calibration_images=faces)
@@ -91,7 +108,7 @@ def main(argv):
         formats = manifest["formats"]
         rows = [("Keras (predict_on_batch)", keras_verify, keras_path, "verify model as .keras")]
         for model_format in runtime.FORMATS:
-            model = runtime.load(out_dir, format=model_format, num_threads=_THREADS.value)
+            model = runtime.load(out_dir, format=model_format, num_threads=args.threads.value)
             if model_format == "onnx":
                 files = [os.path.join(out_dir, path) for path in formats["onnx"]["signatures"].values()]
                 size_note = "verify graph (+ embed, compare files)"
@@ -104,10 +121,10 @@ def main(argv):
         # Round-robin repeats, best kept: on a shared machine the other processes' load comes
         # and goes, and each runtime then gets its share of the quieter moments.
         best = {(label, size): 0.0 for label, *_ in rows for size in batch_sizes}
-        for _ in range(_REPEATS.value):
+        for _ in range(args.repeats.value):
             for label, verify, *_ in rows:
                 for size in batch_sizes:
-                    speed = pairs_per_second(verify, faces_a, faces_b, size, _SECONDS.value)
+                    speed = pairs_per_second(verify, faces_a, faces_b, size, args.seconds.value)
                     best[label, size] = max(best[label, size], speed)
         results = []
         for label, verify, path, size_note in rows:
@@ -121,8 +138,9 @@ def main(argv):
     print("Versions: " + ", ".join(f"{name} {version}" for name, version in versions.items()))
     print(
         f"Model: {model_label} ({manifest['model']['parameters']:,} parameters); "
-        + ("export reused from --out; " if _REUSE.value else f"export of all formats took {export_seconds:.0f} s; ")
-        + f"TFLite/onnxruntime threads: {_THREADS.value}; {pair_count} real face pairs, best of {_REPEATS.value} x {_SECONDS.value:g} s per cell."
+        + ("export reused from --out; " if args.reuse.value else f"export of all formats took {export_seconds:.0f} s; ")
+        + f"TFLite/onnxruntime threads: {args.threads.value}; {pair_count} real face pairs, "
+        f"best of {args.repeats.value} x {args.seconds.value:g} s per cell."
     )
     print()
     header = " | ".join(f"pairs/s @ batch {size}" for size in batch_sizes)
@@ -134,4 +152,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _ARGS = define_flags()
+    cli.run(lambda argv: main(argv, _ARGS))

@@ -21,11 +21,18 @@ Bad input: one line on stderr, exit code 2. The check needs no server: run it be
 """
 import json
 import os
+import pathlib
 import sys
+import types
 
 import numpy as np
 
-EXIT_BAD_INPUT = 2
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from absl import flags  # noqa: E402
+
+from xcos_tf import cli  # noqa: E402
+
 DEFAULT_SIGNATURE = "serving_default"
 
 
@@ -33,9 +40,16 @@ class RequestError(ValueError):
     """A request that TF Serving would refuse or answer wrongly for this model."""
 
 
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(EXIT_BAD_INPUT)
+def define_flags(flag_values=flags.FLAGS):
+    """The command-line flags, defined only when this file runs as the program."""
+    return types.SimpleNamespace(
+        model=cli.define_model("A SavedModel folder (with saved_model.pb), or an export folder whose manifest "
+                               "names one.", flag_values=flag_values),
+        grpc=flags.DEFINE_string("grpc", None, "HOST:PORT of a running TF Serving: send the checked request there "
+                                 "(gRPC) instead of running it locally.", flag_values=flag_values),
+        model_name=flags.DEFINE_string("model_name", "xcos", "With --grpc: the model's name in TF Serving.",
+                                       flag_values=flag_values),
+    )
 
 
 def read_request(path):
@@ -125,27 +139,6 @@ def response(outputs, form):
     return {"predictions": [{name: value[i].tolist() for name, value in rounded.items()} for i in range(count)]}
 
 
-def parse_args(argv):
-    """REQUEST --model DIR [--grpc HOST:PORT] [--model_name NAME] -> dict; one-line usage error otherwise."""
-    usage = ("usage: python tools/check_serving_request.py REQUEST.json --model SAVED_MODEL_OR_EXPORT_DIR "
-             "[--grpc HOST:PORT] [--model_name xcos]")
-    args, rest = {"grpc": None, "model_name": "xcos"}, list(argv[1:])
-    while rest:
-        item = rest.pop(0)
-        if item.startswith("--"):
-            name, _, value = item[2:].partition("=")
-            if name not in ("model", "grpc", "model_name") or not (value or rest):
-                fail(f"{item}: unknown or empty option; {usage}")
-            args[name] = value or rest.pop(0)
-        elif "request" in args:
-            fail(f"one request file only; {usage}")
-        else:
-            args["request"] = item
-    if "request" not in args or "model" not in args:
-        fail(usage)
-    return args
-
-
 def grpc_predict(target, model_name, signature, arrays, timeout=60.0):
     """Sends the checked inputs to a running TF Serving as a gRPC `PredictRequest`; its outputs as numpy."""
     import grpc
@@ -162,38 +155,41 @@ def grpc_predict(target, model_name, signature, arrays, timeout=60.0):
     return {name: tf.make_ndarray(proto) for name, proto in reply.outputs.items()}
 
 
-def main(argv):
-    args = parse_args(argv)
+def main(argv, args):
+    if len(argv) != 2:
+        raise cli.UserError("expected one request file: python tools/check_serving_request.py REQUEST.json "
+                            f"--model SAVED_MODEL_OR_EXPORT_DIR. Received: {argv[1:]}")
     try:
-        signature, values, form = read_request(args["request"])
-        path = saved_model_path(args["model"])
+        signature, values, form = read_request(argv[1])
+        path = saved_model_path(args.model.value)
     except RequestError as err:
-        fail(str(err))
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # no start-up lines before the answer
+        raise cli.UserError(str(err)) from None
     import tensorflow as tf
 
     try:
         loaded = tf.saved_model.load(path)
     except Exception as err:  # a damaged folder: any engine error
-        fail(f"--model {args['model']}: not a loadable SavedModel ({type(err).__name__})")
+        raise cli.UserError(f"--model {args.model.value}: not a loadable SavedModel ({type(err).__name__})") from None
     if signature not in loaded.signatures:
-        fail(f"the request names signature `{signature}`; {path} has: {', '.join(sorted(loaded.signatures))}")
+        raise cli.UserError(f"the request names signature `{signature}`; {path} has: "
+                            f"{', '.join(sorted(loaded.signatures))}")
     function = loaded.signatures[signature]
     try:
         arrays = match_signature(values, function.structured_input_signature[1], signature)
     except RequestError as err:
-        fail(str(err))
+        raise cli.UserError(str(err)) from None
     shapes = ", ".join(f"{name} {array.dtype.name} {list(array.shape)}" for name, array in arrays.items())
-    where = f"TF Serving at {args['grpc']} (gRPC)" if args["grpc"] else "the local SavedModel"
+    where = f"TF Serving at {args.grpc.value} (gRPC)" if args.grpc.value else "the local SavedModel"
     print(f"ok: the request matches signature `{signature}` ({shapes}); running it on {where}", file=sys.stderr)
-    if args["grpc"]:
+    if args.grpc.value:
         import grpc
 
         try:
-            outputs = grpc_predict(args["grpc"], args["model_name"], signature, arrays)
+            outputs = grpc_predict(args.grpc.value, args.model_name.value, signature, arrays)
         except grpc.RpcError as err:
             details = (err.details() or "").splitlines()
-            fail(f"--grpc {args['grpc']}: {err.code().name}: {details[0] if details else 'no details'}")
+            raise cli.UserError(f"--grpc {args.grpc.value}: {err.code().name}: "
+                                f"{details[0] if details else 'no details'}") from None
     else:
         outputs = {name: value.numpy() for name, value in
                    function(**{name: tf.constant(array) for name, array in arrays.items()}).items()}
@@ -201,4 +197,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    _ARGS = define_flags()
+    flags.mark_flag_as_required("model")
+    cli.run(lambda argv: main(argv, _ARGS))

@@ -14,6 +14,7 @@ line on stderr when --far is below that rate.
 import json
 import os
 import sys
+import types
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,9 +29,13 @@ from absl import flags  # noqa: E402
 from xcos_tf import metrics, scoring, model as xcos_model  # noqa: E402
 from xcos_tf.data import pipeline  # noqa: E402
 
-_WEIGHTS = flags.DEFINE_string("weights", None, "A trainer saved as .keras.")
-_PAIRS = flags.DEFINE_list("pairs", None, "Validation pair shards (folders or globs).")
-_FAR = flags.DEFINE_float("far", 1e-3, "Target false-accept rate.", lower_bound=0.0, upper_bound=1.0)
+def define_flags():
+    """The command-line flags, defined only when this file runs as the program."""
+    return types.SimpleNamespace(
+        weights=flags.DEFINE_string("weights", None, "A trainer saved as .keras."),
+        pairs=flags.DEFINE_list("pairs", None, "Validation pair shards (folders or globs)."),
+        far=flags.DEFINE_float("far", 1e-3, "Target false-accept rate.", lower_bound=0.0, upper_bound=1.0),
+    )
 
 
 def pair_scores(verifier, pair_patterns, batch_size=64):
@@ -47,20 +52,22 @@ def pair_scores(verifier, pair_patterns, batch_size=64):
     return np.concatenate(scores), np.concatenate(is_same)
 
 
-def main(argv):
-    del argv
-    verifier = xcos_model.build_verifier(_WEIGHTS.value)
-    scores, is_same = pair_scores(verifier, _PAIRS.value)
-    chosen = metrics.tar_at_far(scores, is_same, _FAR.value)
+def main(argv, args):
+    if len(argv) > 1:
+        raise cli.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    verifier = xcos_model.build_verifier(args.weights.value)
+    scores, is_same = pair_scores(verifier, args.pairs.value)
+    chosen = metrics.tar_at_far(scores, is_same, args.far.value)
     num_different = int((~is_same).sum())
-    warning = metrics.unresolved_far(_FAR.value, num_different)
+    warning = metrics.unresolved_far(args.far.value, num_different)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-    print(json.dumps({"threshold": chosen.threshold, "far": chosen.far, "tar": chosen.tar, "target_far": _FAR.value,
+    print(json.dumps({"threshold": chosen.threshold, "far": chosen.far, "tar": chosen.tar, "target_far": args.far.value,
                       "smallest_resolved_far": 1 / num_different, "pairs": int(len(is_same)),
-                      "same_pairs": int(is_same.sum()), "weights": _WEIGHTS.value}))
+                      "same_pairs": int(is_same.sum()), "weights": args.weights.value}))
 
 
 if __name__ == "__main__":
+    _ARGS = define_flags()
     flags.mark_flags_as_required(["weights", "pairs"])
-    cli.run(main)
+    cli.run(lambda argv: main(argv, _ARGS))

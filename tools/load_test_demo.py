@@ -1,6 +1,7 @@
 """A bounded load test of the web demo: a fixed number of compare requests, a time limit, loopback only.
 
-    python tools/load_test_demo.py --model exported/default --format tflite --requests 30 --concurrency 4
+    python tools/load_test_demo.py --model exported/default --format tflite --requests 30 --concurrency 4 \
+        [--max_megapixels 50]
     python tools/load_test_demo.py --url http://127.0.0.1:7860/ --server_pid 12345 --requests 30
 
 Without --url it starts `python -m xcos_tf.demo` on a free 127.0.0.1 port (stopped with SIGTERM at
@@ -13,8 +14,9 @@ pair of the sample photos (--photos). One warm-up request is made and not counte
 Prints the machine and versions, successes and failures, latency p50/p95/max (the demo queues
 requests: one compare runs at a time, so latency grows with concurrency), requests per second,
 and the server's memory (VmRSS from /proc, sampled every 0.2 s: at the start, the peak and the
-end) when the tool started it or was given --server_pid. Exit code 1 if any request failed or
-the time limit cut the run short.
+end) when the tool started it or was given --server_pid. A started demo gets --model, --format,
+--detector and --max_megapixels. Exit code 1 if any request failed or the time limit cut the run
+short; 2 (one `error:` line) for a bad flag or a demo that does not start.
 """
 import logging
 import os
@@ -26,45 +28,49 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import urllib.parse
 import urllib.request
 
-from absl import app, flags
-
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
+
+from absl import flags  # noqa: E402
+
+from tools import machine  # noqa: E402
+from xcos_tf import cli  # noqa: E402
+
 SAMPLES = REPO_ROOT / "exported" / "samples"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 
-_URL = flags.DEFINE_string("url", None, "A running demo on 127.0.0.1 / localhost; default: start one.")
-_SERVER_PID = flags.DEFINE_integer("server_pid", None, "With --url: the server's process id, for its memory.")
-_MODEL = flags.DEFINE_string("model", str(REPO_ROOT / "exported" / "default"), "Export folder for the started demo.")
-_FORMAT = flags.DEFINE_string("format", "tflite", "Format the started demo serves (xcos_tf.runtime.FORMATS).")
-_DETECTOR = flags.DEFINE_string("detector", None, "YuNet ONNX for the started demo (default: the demo's).")
-_PHOTOS = flags.DEFINE_list(
-    "photos", [str(SAMPLES / f"{n}.jpg") for n in "ABC"],
-    "Photos to compare: request i uses photos[0] and photos[1 + i % (len - 1)].",
-)
-_REQUESTS = flags.DEFINE_integer("requests", 30, "Counted requests.", lower_bound=1, upper_bound=10_000)
-_CONCURRENCY = flags.DEFINE_integer("concurrency", 4, "Client threads.", lower_bound=1, upper_bound=64)
-_TIME_LIMIT = flags.DEFINE_float("time_limit", 300.0, "Seconds for all counted requests; the rest are dropped.",
-                                 lower_bound=1.0)
-_START_TIMEOUT = flags.DEFINE_float("start_timeout", 180.0, "Seconds to wait for a started demo to answer.")
+
+def define_flags():
+    """The command-line flags, defined only when this file runs as the program."""
+    return types.SimpleNamespace(
+        url=flags.DEFINE_string("url", None, "A running demo on 127.0.0.1 / localhost; default: start one."),
+        server_pid=flags.DEFINE_integer("server_pid", None, "With --url: the server's process id, for its memory."),
+        model=cli.define_model("Export folder for the started demo.", default=str(REPO_ROOT / "exported" / "default")),
+        format=cli.define_format("Format the started demo serves.", default="tflite"),
+        detector=cli.define_detector("YuNet ONNX for the started demo."),
+        max_megapixels=cli.define_max_megapixels(),
+        photos=flags.DEFINE_list(
+            "photos", [str(SAMPLES / f"{n}.jpg") for n in "ABC"],
+            "Photos to compare: request i uses photos[0] and photos[1 + i % (len - 1)].",
+        ),
+        requests=flags.DEFINE_integer("requests", 30, "Counted requests.", lower_bound=1, upper_bound=10_000),
+        concurrency=flags.DEFINE_integer("concurrency", 4, "Client threads.", lower_bound=1, upper_bound=64),
+        time_limit=flags.DEFINE_float("time_limit", 300.0, "Seconds for all counted requests; the rest are dropped.",
+                                      lower_bound=1.0),
+        start_timeout=flags.DEFINE_float("start_timeout", 180.0, "Seconds to wait for a started demo to answer."),
+    )
 
 
-def machine():
-    cpu, cpu_flags = platform.processor() or "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
-        cpu = fields.get("model name\t", cpu).strip()
-        cpu_flags = set(fields.get("flags\t\t", "").split())
-    except OSError:
-        pass
-    vector = " ".join(f for f in ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "amx_tile") if f in cpu_flags)
+def describe_client():
+    """The machine (`tools.machine`), its load and the client's versions."""
     import gradio_client
 
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{cpu} ({vector or 'no AVX'}), {os.cpu_count()} CPUs, load average {load}; Python {platform.python_version()}, "
+    return (f"{machine.describe()}, load average {load}; Python {platform.python_version()}, "
             f"gradio_client {gradio_client.__version__}")
 
 
@@ -101,17 +107,16 @@ def _free_loopback_port():
         return sock.getsockname()[1]
 
 
-def start_demo(log_file):
+def start_demo(log_file, args):
     """(process, url) of `python -m xcos_tf.demo` on a free loopback port, once it answers."""
     port = _free_loopback_port()
-    command = [sys.executable, "-m", "xcos_tf.demo", "--model", _MODEL.value, "--format", _FORMAT.value,
+    command = [sys.executable, "-m", "xcos_tf.demo", "--model", args.model.value, "--format", args.format.value,
+               "--detector", args.detector.value, f"--max_megapixels={args.max_megapixels.value!r}",
                "--host", "127.0.0.1", "--port", str(port)]
-    if _DETECTOR.value:
-        command += ["--detector", _DETECTOR.value]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + _START_TIMEOUT.value
+    deadline = time.monotonic() + args.start_timeout.value
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"the demo exited with code {process.returncode}")
@@ -122,7 +127,7 @@ def start_demo(log_file):
         except OSError:
             time.sleep(0.5)
     stop_demo(process)
-    raise RuntimeError(f"the demo did not answer at {url} within {_START_TIMEOUT.value:g} s")
+    raise RuntimeError(f"the demo did not answer at {url} within {args.start_timeout.value:g} s")
 
 
 def stop_demo(process):
@@ -175,37 +180,39 @@ def run_requests(url, photos, count, concurrency, time_limit):
     return latencies, failures, count - len(latencies) - len(failures)
 
 
-def main(argv):
-    del argv
+def main(argv, args):
+    if len(argv) > 1:
+        raise cli.UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.max_pixels(args.max_megapixels.value)  # checked here, before a demo is started with it
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per HTTP request otherwise
-    if len(_PHOTOS.value) < 2 or not all(os.path.isfile(p) for p in _PHOTOS.value):
-        sys.exit(f"error: --photos: need two or more existing photos. Received: {_PHOTOS.value}")
+    if len(args.photos.value) < 2 or not all(os.path.isfile(p) for p in args.photos.value):
+        raise cli.UserError(f"--photos: need two or more existing photos. Received: {args.photos.value}")
     process, log = None, None
-    if _URL.value:
-        host = urllib.parse.urlparse(_URL.value).hostname
+    if args.url.value:
+        host = urllib.parse.urlparse(args.url.value).hostname
         if host not in LOOPBACK_HOSTS:
-            sys.exit(f"error: --url must be on {' or '.join(LOOPBACK_HOSTS)}. Received host: {host!r}")
-        url, pid = _URL.value, _SERVER_PID.value
+            raise cli.UserError(f"--url must be on {' or '.join(LOOPBACK_HOSTS)}. Received host: {host!r}")
+        url, pid = args.url.value, args.server_pid.value
     else:
         log = tempfile.NamedTemporaryFile(prefix="load_test_demo_", suffix=".log", delete=False)
         try:
-            process, url = start_demo(log)
+            process, url = start_demo(log, args)
         except RuntimeError as error:
             log.close()
-            sys.exit(f"error: {error}; its log: {log.name}")
+            raise cli.UserError(f"{error}; its log: {log.name}") from None
         pid = process.pid
     try:
-        print(f"machine: {machine()}")
-        print(f"server: {url}" + (f" (started: {_MODEL.value}, {_FORMAT.value})" if process else ""))
-        run_requests(url, _PHOTOS.value, 1, 1, _TIME_LIMIT.value)  # warm-up, not counted
+        print(f"machine: {describe_client()}")
+        print(f"server: {url}" + (f" (started: {args.model.value}, {args.format.value})" if process else ""))
+        run_requests(url, args.photos.value, 1, 1, args.time_limit.value)  # warm-up, not counted
         sampler = MemorySampler(pid) if pid else None
         if sampler:
             sampler.start()
         started = time.perf_counter()
         latencies, failures, dropped = run_requests(
-            url, _PHOTOS.value, _REQUESTS.value, _CONCURRENCY.value, _TIME_LIMIT.value)
+            url, args.photos.value, args.requests.value, args.concurrency.value, args.time_limit.value)
         elapsed = time.perf_counter() - started
         if sampler:
             sampler.stop()
@@ -214,7 +221,8 @@ def main(argv):
             stop_demo(process)
             log.close()
             os.unlink(log.name)
-    print(f"requests: {_REQUESTS.value} with concurrency {_CONCURRENCY.value}, time limit {_TIME_LIMIT.value:g} s")
+    print(f"requests: {args.requests.value} with concurrency {args.concurrency.value}, "
+          f"time limit {args.time_limit.value:g} s")
     print(f"successes: {len(latencies)}  failures: {len(failures)}  not started in time: {dropped}")
     for failure in failures[:5]:
         print(f"  {failure}")
@@ -228,4 +236,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _ARGS = define_flags()
+    cli.run(lambda argv: main(argv, _ARGS))

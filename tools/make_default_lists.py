@@ -19,6 +19,7 @@ Writes, into --out_dir:
 import collections
 import os
 import sys
+import types
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,15 +31,23 @@ cli.quiet_startup(__name__)  # before TensorFlow is imported
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
+from xcos_tf import paths  # noqa: E402
 from xcos_tf.data import pairs as pairs_lib  # noqa: E402
 
-_DATA_ROOT = flags.DEFINE_string("data_root", "../shared/data", "The shared data folder (see its README.md).")
-_OUT_DIR = flags.DEFINE_string("out_dir", None, "Where the list files are written.")
-_HOLDOUT_FRACTION = flags.DEFINE_float("holdout_fraction", 0.05,
-                                       "Share of the identities with >= 2 images kept out as validation people.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the validation-people choice.")
 
 LFW_PAIRS_FILES = ("pairs.txt", "pairsDevTrain.txt", "pairsDevTest.txt")
+
+
+def define_flags():
+    """The command-line flags, defined only when this file runs as the program."""
+    return types.SimpleNamespace(
+        data_root=flags.DEFINE_string("data_root", paths.shared_path("data"),
+                                      "The shared data folder (see its README.md)."),
+        out_dir=flags.DEFINE_string("out_dir", None, "Where the list files are written."),
+        holdout_fraction=flags.DEFINE_float(
+            "holdout_fraction", 0.05, "Share of the identities with >= 2 images kept out as validation people."),
+        seed=flags.DEFINE_integer("seed", 0, "Seed of the validation-people choice."),
+    )
 
 
 def celeba_items(data_root, folder):
@@ -92,15 +101,15 @@ def _write_list(path, items):
         f.writelines(f"{relative} {identity}\n" for relative, identity in items)
 
 
-def main(argv):
+def main(argv, args):
     del argv
-    data_root, out_dir = _DATA_ROOT.value, _OUT_DIR.value
+    data_root, out_dir = args.data_root.value, args.out_dir.value
     os.makedirs(out_dir, exist_ok=True)
     excluded = lfw_pairs_people(data_root)
     items = (celeba_items(data_root, "celeba_subset") + celeba_items(data_root, "celeba_aligned_10k")
              + folder_items(data_root, "glint_sample", "glint")
              + folder_items(data_root, "lfw", "lfw", excluded))
-    train, holdout = split_holdout(items, _HOLDOUT_FRACTION.value, _SEED.value)
+    train, holdout = split_holdout(items, args.holdout_fraction.value, args.seed.value)
     _write_list(os.path.join(out_dir, "train_list.txt"), train)
     _write_list(os.path.join(out_dir, "holdout_list.txt"), holdout)
     utkface = utkface_items(data_root)
@@ -112,5 +121,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _ARGS = define_flags()
     flags.mark_flags_as_required(["out_dir"])
-    cli.run(main)
+    cli.run(lambda argv: main(argv, _ARGS))

@@ -14,6 +14,7 @@ Folds follow people: every pair is in the fold of its first person.
 import collections
 import os
 import sys
+import types
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,12 +29,17 @@ from absl import flags  # noqa: E402
 
 from xcos_tf.data import pipeline, records  # noqa: E402
 
-_FACES = flags.DEFINE_list("faces", None, "Face shards (folders or globs) of the held-out people.")
-_OUT_DIR = flags.DEFINE_string("out_dir", None, "Output folder for the pair shards and manifest.json.")
-_NUM_PAIRS = flags.DEFINE_integer("num_pairs", 3000, "Pairs to draw.", lower_bound=10)
-_SAME_FRACTION = flags.DEFINE_float("same_fraction", 0.5, "Share of same-person pairs.", lower_bound=0.0, upper_bound=1.0)
-_NUM_FOLDS = flags.DEFINE_integer("num_folds", 10, "Folds (by person).", lower_bound=2)
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the pair draw.")
+def define_flags():
+    """The command-line flags, defined only when this file runs as the program."""
+    return types.SimpleNamespace(
+        faces=flags.DEFINE_list("faces", None, "Face shards (folders or globs) of the held-out people."),
+        out_dir=flags.DEFINE_string("out_dir", None, "Output folder for the pair shards and manifest.json."),
+        num_pairs=flags.DEFINE_integer("num_pairs", 3000, "Pairs to draw.", lower_bound=10),
+        same_fraction=flags.DEFINE_float("same_fraction", 0.5, "Share of same-person pairs.", lower_bound=0.0,
+                                         upper_bound=1.0),
+        num_folds=flags.DEFINE_integer("num_folds", 10, "Folds (by person).", lower_bound=2),
+        seed=flags.DEFINE_integer("seed", 0, "Seed of the pair draw."),
+    )
 
 
 def read_faces(shard_patterns):
@@ -68,13 +74,13 @@ def draw_pairs(labels, num_pairs, same_fraction, seed):
     return chosen
 
 
-def main(argv):
+def main(argv, args):
     del argv
-    faces = read_faces(_FACES.value)
+    faces = read_faces(args.faces.value)
     labels = np.array([face["label"] for face in faces])
-    pairs = draw_pairs(labels, _NUM_PAIRS.value, _SAME_FRACTION.value, _SEED.value)
+    pairs = draw_pairs(labels, args.num_pairs.value, args.same_fraction.value, args.seed.value)
     people = sorted(set(labels[labels >= 0].tolist()))
-    fold_of = {label: i % _NUM_FOLDS.value for i, label in enumerate(np.random.default_rng(_SEED.value).permutation(people))}
+    fold_of = {label: i % args.num_folds.value for i, label in enumerate(np.random.default_rng(args.seed.value).permutation(people))}
     serialized = []
     for a, b, is_same in sorted(pairs, key=lambda pair: (fold_of[labels[pair[0]]], not pair[2])):
         face_a, face_b = faces[a], faces[b]
@@ -82,24 +88,25 @@ def main(argv):
             face_a["image_encoded"], face_b["image_encoded"], face_a["image_format"].decode(), is_same,
             fold_of[labels[a]], face_a["identity"], face_b["identity"], face_a["source"], face_b["source"],
             face_a["teacher_embedding"], face_b["teacher_embedding"]))
-    os.makedirs(_OUT_DIR.value, exist_ok=True)
-    entry = records.write_shard(os.path.join(_OUT_DIR.value, records.shard_name("pairs", 0)), serialized)
-    source = records.read_manifest(os.path.dirname(pipeline.list_shards(_FACES.value)[0])) or {}
-    records.write_json_atomic(os.path.join(_OUT_DIR.value, records.MANIFEST_NAME), {
+    os.makedirs(args.out_dir.value, exist_ok=True)
+    entry = records.write_shard(os.path.join(args.out_dir.value, records.shard_name("pairs", 0)), serialized)
+    source = records.read_manifest(os.path.dirname(pipeline.list_shards(args.faces.value)[0])) or {}
+    records.write_json_atomic(os.path.join(args.out_dir.value, records.MANIFEST_NAME), {
         "kind": "pairs",
-        "input": {"source": [os.path.abspath(p) for p in _FACES.value], "seed": _SEED.value},
+        "input": {"source": [os.path.abspath(p) for p in args.faces.value], "seed": args.seed.value},
         "teacher": source.get("teacher"),
         "alignment": source.get("alignment"),
         "num_pairs": len(serialized),
         "num_same": sum(same for _, _, same in pairs),
-        "num_folds": _NUM_FOLDS.value,
+        "num_folds": args.num_folds.value,
         "num_records": len(serialized),
         "shards": [entry],
         "complete": True,
     })
-    print(f"{len(serialized)} pairs ({sum(same for _, _, same in pairs)} same) of {len(people)} people in {_OUT_DIR.value}")
+    print(f"{len(serialized)} pairs ({sum(same for _, _, same in pairs)} same) of {len(people)} people in {args.out_dir.value}")
 
 
 if __name__ == "__main__":
+    _ARGS = define_flags()
     flags.mark_flags_as_required(["faces", "out_dir"])
-    cli.run(main)
+    cli.run(lambda argv: main(argv, _ARGS))

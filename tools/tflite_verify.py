@@ -1,41 +1,42 @@
 """Verify two photos with an xCos TFLite model, as an app on a device would.
 
     python tools/tflite_verify.py PHOTO_A PHOTO_B --model exported/default/xcos_int8.tflite \
-        [--detector ../shared/models/yunet.onnx] [--threshold T] [--json]
+        [--detector ../shared/models/yunet.onnx] [--threshold T] [--json] [--max_megapixels 50]
 
 Detects the largest face in each photo with YuNet, aligns it to the 112x112 template
 (aligned 112x112 crops are taken as they are), runs the model's `verify` signature through
 ai-edge-litert and prints the score, the decision and the 7x7 cos and attention maps. Only
-ai-edge-litert, numpy and OpenCV are used: no TensorFlow, as on a phone. The threshold comes
-from --threshold, else from the manifest.json beside the model (none: no decision).
-Exit code 2 for a bad photo or model, with a message that names it.
+ai-edge-litert, numpy, OpenCV and absl are used: no TensorFlow, as on a phone. The threshold
+comes from --threshold, else from the manifest.json beside the model (none: no decision).
+Exit code 2 for a bad photo or model (a photo over --max_megapixels too), with a message that
+names it.
 """
-import argparse
 import json
 import os
 import pathlib
 import sys
+import types
 
 import numpy as np
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere, like an app
 
-from xcos_tf import paths, runtime  # noqa: E402
-from xcos_tf.data import align  # noqa: E402
+from absl import flags  # noqa: E402
 
-EXIT_BAD_INPUT = 2
+from xcos_tf import cli, runtime  # noqa: E402
+from xcos_tf.data import align, image_io  # noqa: E402
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("photo_a", help="First photo (any size; or an aligned 112x112 crop).")
-    parser.add_argument("photo_b", help="Second photo.")
-    parser.add_argument("--model", required=True, help="An xCos .tflite file (xcos_tf.export).")
-    parser.add_argument("--detector", default=paths.DEFAULT_DETECTOR, help="YuNet ONNX face detector.")
-    parser.add_argument("--threshold", type=float, default=None, help="Decision threshold on the score.")
-    parser.add_argument("--json", action="store_true", help="Print the result as JSON.")
-    return parser.parse_args(argv)
+def define_flags():
+    """The command-line flags, defined only when this file runs as the program."""
+    return types.SimpleNamespace(
+        model=cli.define_model("An xCos .tflite file (`python -m xcos_tf.export`)."),
+        detector=cli.define_detector(),
+        threshold=flags.DEFINE_float("threshold", None, "Decision threshold on the score (default: the manifest's)."),
+        json=flags.DEFINE_bool("json", False, "Print the result as JSON."),
+        max_megapixels=cli.define_max_megapixels(),
+    )
 
 
 def manifest_threshold(model_path):
@@ -47,12 +48,12 @@ def manifest_threshold(model_path):
     return runtime.read_manifest(model_dir).get("threshold")
 
 
-def verify_photos(photo_a, photo_b, model, aligner):
-    """Aligns both photos and verifies them: a JSON-ready dict."""
+def verify_photos(photo_a, photo_b, model, aligner, max_pixels=image_io.MAX_PIXELS):
+    """Aligns both photos (files of at most `max_pixels` pixels) and verifies them: a JSON-ready dict."""
     faces = {}
     for key, path in (("a", photo_a), ("b", photo_b)):
         try:
-            faces[key] = aligner.align(align.read_image(path))
+            faces[key] = aligner.align(align.read_image(path, max_pixels))
         except align.FaceError as error:
             raise align.FaceError(f"{path}: {error}") from None
     outputs = model.verify(faces["a"].image, faces["b"].image)
@@ -75,19 +76,22 @@ def format_map(values, fmt):
     return "\n".join("  " + " ".join(fmt.format(value) for value in row) for row in values)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv, args):
+    if len(argv) != 3:
+        raise cli.UserError(f"expected two photos: tools/tflite_verify.py PHOTO_A PHOTO_B --model FILE.tflite. "
+                            f"Received: {argv[1:]}")
+    max_pixels = cli.max_pixels(args.max_megapixels.value)
     try:
-        model = runtime.TFLiteRuntime(args.model)
-        model.threshold = args.threshold if args.threshold is not None else manifest_threshold(args.model)
-        aligner = align.FaceAligner(args.detector, choose="largest")
-        result = verify_photos(args.photo_a, args.photo_b, model, aligner)
+        model = runtime.TFLiteRuntime(args.model.value)
+        threshold = args.threshold.value
+        model.threshold = threshold if threshold is not None else manifest_threshold(args.model.value)
+        aligner = align.FaceAligner(args.detector.value, choose="largest")
+        result = verify_photos(argv[1], argv[2], model, aligner, max_pixels)
     except (ValueError, FileNotFoundError) as error:  # ImageError and FaceError are ValueErrors
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if args.json:
+        raise cli.UserError(str(error)) from None
+    if args.json.value:
         print(json.dumps(result))
-        return 0
+        return
     for key in ("a", "b"):
         face = result["faces"][key]
         if face["faces_found"] > 1:
@@ -98,8 +102,9 @@ def main(argv=None):
     print(format_map(result["cos_map"], "{:+.2f}"))
     print("attention_map (weight of each cell, sums to 1):")
     print(format_map(result["attention_map"], "{:.3f}"))
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _ARGS = define_flags()
+    flags.mark_flag_as_required("model")
+    cli.run(lambda argv: main(argv, _ARGS))

@@ -12,13 +12,11 @@ embeddings = teacher.embed(aligned_faces)  # uint8 [N, 112, 112, 3] -> float32 [
 ```
 """
 import os
-import pathlib
 
 import numpy as np
 
-DEFAULT_TEACHER = str(
-    pathlib.Path(__file__).resolve().parents[2] / "shared" / "models" / "teacher_mobilefacenet.onnx"
-)
+from xcos_tf.paths import DEFAULT_TEACHER
+
 FORMATS = ("onnx", "saved_model", "tflite")
 _EPSILON = 1e-12
 

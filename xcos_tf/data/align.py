@@ -20,7 +20,6 @@ import numpy as np
 # The one image reader lives in image_io; its names stay importable from here for the callers
 # that read photos right before aligning them (explain, evaluate, export, tools).
 from xcos_tf.data.image_io import ImageError, decode_image, read_image  # noqa: F401
-from xcos_tf.paths import DEFAULT_DETECTOR  # noqa: F401 (the shared YuNet model; tools take others by flag)
 
 ALIGNED_SIZE = 112
 
