@@ -1,6 +1,9 @@
 """Plain helpers shared by the tests (imported as `common_testing`; conftest.py only holds fixtures):
-the repository root, the shared folder, and a tiny backbone that keeps tests fast."""
+the repository root, the shared folder, a tiny backbone that keeps tests fast, and a PNG that
+claims a huge size."""
 import pathlib
+import struct
+import zlib
 
 import keras
 
@@ -22,3 +25,14 @@ def tiny_backbone(input_shape=(32, 32, 3), channels=16, name="tiny"):
         x = keras.layers.BatchNormalization(name=f"{name}_bn{i}")(x)
         x = keras.layers.ReLU(name=f"{name}_relu{i}")(x)
     return keras.Model(image, x, name=name)
+
+
+def _png_chunk(kind, body):
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def huge_png(width=60000, height=60000):
+    """A complete, valid-looking PNG of a few dozen bytes whose header claims width x height."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + _png_chunk(b"IEND", b""))

@@ -18,6 +18,9 @@ def _run(*args):
     (["-m", "tools.make_shards", "--out_dir=unused", "--flagfile=/nonexistent.flags"], "Unable to open flagfile"),
     (["-m", "tools.make_shards", "--out_dir=unused", "--shard_mb=abc"], "error: flag --shard_mb=abc"),
     (["-m", "tools.make_shards", "--out_dir=unused", "--input=/nonexistent"], "error: make_shards: --input"),
+    (["tools/check_serving_request.py", "--model=unused"], "error: expected one request file"),
+    (["tools/tflite_verify.py", "a.jpg", "--model=unused"], "error: expected two photos"),
+    (["-m", "tools.choose_threshold", "--weights=w", "--pairs=p", "extra"], "error: unexpected arguments: extra"),
 ])
 def test_flag_and_user_errors_exit_2_with_one_line(args, message):
     result = _run(*args)
@@ -106,3 +109,18 @@ def test_make_holdout_pairs_help_keeps_its_example_on_two_lines():
     lines = result.stdout.splitlines()
     first = next(i for i, line in enumerate(lines) if "python -m tools.make_holdout_pairs" in line)
     assert lines[first].rstrip().endswith("\\") and lines[first + 1].strip().startswith("--out_dir=")
+
+
+PHOTO_READERS = [["-m", "xcos_tf.explain"], ["-m", "xcos_tf.evaluate"], ["-m", "xcos_tf.gallery"],
+                 ["-m", "xcos_tf.demo"], ["-m", "xcos_tf.export"], ["-m", "tools.make_shards"],
+                 ["tools/tflite_verify.py"], ["tools/load_test_demo.py"]]
+
+
+@pytest.mark.parametrize("program", PHOTO_READERS, ids=lambda program: program[-1])
+def test_every_program_that_reads_photos_lists_the_shared_flags(program):
+    """The flags of xcos_tf.cli's definers are listed in each program's own --helpshort."""
+    result = _run(*program, "--helpshort")  # absl's --help exits 1
+    listed = {line.split(":")[0].strip() for line in result.stdout.splitlines() if line.startswith("  --")}
+    assert {"--max_megapixels", "--[no]verbose"} <= listed, result.stdout[-3000:]
+    if program[-1] not in ("xcos_tf.export", "tools.make_shards"):
+        assert {"--model", "--detector"} <= listed

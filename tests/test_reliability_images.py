@@ -14,23 +14,13 @@ import zlib
 import cv2
 import numpy as np
 import pytest
+from common_testing import huge_png
 
 from xcos_tf import demo, evaluate
 from xcos_tf.data import image_io, pairs, prepare, shard_writer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_DIR = os.path.join(ROOT, "exported", "default")
-
-
-def _chunk(kind, body):
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def huge_png(width=60000, height=60000):
-    """A complete, valid-looking PNG of a few dozen bytes whose header claims width x height."""
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + _chunk(b"IEND", b""))
 
 
 def huge_jpeg(width=20000, height=20000):
