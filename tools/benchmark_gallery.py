@@ -15,10 +15,10 @@ flattened grid (the 6,272-d embedding the version-1 index used).
 Scale: galleries of `--sizes` synthetic entries, each grid a fixed mix of three real enrolled
 grids (realistic values), written to disk by `index.save` (streamed, float16) in `--scale_dir`
 and searched memory-mapped, as a real index is. Per size and FAISS index type (`flat` float32
-summaries, `sq8` 8-bit): the write speed, the open time (reading the summaries into FAISS),
-disk and RAM per entry, the resident memory after the searches, and the median latency of one
-search (FAISS shortlist + xCos re-ranking) beside brute force (xCos `compare` with every entry)
-up to `--brute_force_max`. Each size's folder is removed before the next one is written.
+summaries, `sq8` 8-bit): the write speed, the open and FAISS build times, disk and RAM per
+entry, the resident memory after the searches (and the run's peak), and the median latency of
+one search (FAISS shortlist + xCos re-ranking) beside brute force (xCos `compare` with every
+entry) up to `--brute_force_max`. Each size's folder is removed before the next one is written.
 
 Prints the CPU, the versions, the command and the load average with the figures.
 """
@@ -186,15 +186,16 @@ class SyntheticGrids:
                 + self._pool[(rows // size**2) % size] / 4)
 
 
-def resident_bytes():
-    """(anonymous, file-backed) resident bytes of this process: RAM it owns, and mapped file pages it touched."""
+def memory_status(*keys):
+    """Bytes of these /proc/self/status fields (RssAnon: RAM this process owns; RssFile: mapped file
+    pages it has resident, clean and reclaimable for a read-only memory map; VmHWM: peak of both)."""
     found = {}
     with open("/proc/self/status") as f:
         for line in f:
             key, _, value = line.partition(":")
-            if key in ("RssAnon", "RssFile"):
+            if key in keys:
                 found[key] = int(value.split()[0]) * 1024
-    return found["RssAnon"], found["RssFile"]
+    return tuple(found[key] for key in keys)
 
 
 def median_seconds(function, queries):
@@ -222,14 +223,16 @@ def scale_one(model, data, probes, size, folder):
     print(f"  {size:>9,} entries written in {write:.0f} s = {size / write:,.0f} entries/s (synthetic grids, float16, "
           f"streamed); disk per entry: grids {disk[index.GRIDS]:,.0f} B, summaries {disk[index.SUMMARIES]:,.0f} B, "
           f"entries.json {disk[index.ENTRIES]:,.0f} B")
-    anon_before, _ = resident_bytes()
+    anon_before, = memory_status("RssAnon")
+    start = time.perf_counter()
     opened = index.open_index(folder)
+    print(f"  {size:>9,} opened in {time.perf_counter() - start:.1f} s (entries.json read, arrays memory-mapped)")
     for index_type in search.INDEX_TYPES:
         start = time.perf_counter()
         gallery = search.Gallery(opened, model, exact_limit=0, shortlist=FLAGS.shortlist, index_type=index_type)
         build = time.perf_counter() - start
         latency = median_seconds(lambda q: gallery.search_grid(probes[q % len(probes)]), FLAGS.queries)
-        anon, file_backed = resident_bytes()
+        anon, file_backed = memory_status("RssAnon", "RssFile")
         print(f"  {size:>9,} {index_type:>5} {build:>7.1f} {gallery._faiss_index.code_size:>8} "
               f"{(anon - anon_before) / size:>11,.0f} {anon / 2**30:>8.2f} {file_backed / 2**30:>8.2f} "
               f"{1000 * latency:>9.1f}")
@@ -251,7 +254,7 @@ def scale(model, data, scale_dir):
           f"{FLAGS.shortlist}; median of {FLAGS.queries} searches; brute force: 3 queries at <= 10k, else 1). "
           "RAM/entry: anonymous RAM the opened index and its FAISS index added (entries, FAISS vectors); "
           "RSS: this process's anonymous / file-backed (memory-mapped index pages) resident GB after the searches:")
-    print(f"  {'entries':>9} {'index':>5} {'open s':>7} {'FAISS B':>8} {'RAM B/entry':>11} {'RSS anon':>8} "
+    print(f"  {'entries':>9} {'index':>5} {'build s':>7} {'FAISS B':>8} {'RAM B/entry':>11} {'RSS anon':>8} "
           f"{'RSS file':>8} {'search ms':>9}")
     for size in (int(s) for s in FLAGS.sizes):
         folder = os.path.join(scale_dir, f"synthetic_{size}")
@@ -296,6 +299,8 @@ def main(argv):
             if FLAGS.scale_dir:
                 os.makedirs(FLAGS.scale_dir, exist_ok=True)
             scale(model, data, FLAGS.scale_dir or work_dir)
+    print(f"Peak resident memory of this run (VmHWM, anonymous + file-backed): "
+          f"{memory_status('VmHWM')[0] / 2**30:.2f} GB")
     print(f"Load average at end (1/5/15 min): {_load_average()}")
 
 
