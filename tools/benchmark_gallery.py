@@ -146,8 +146,8 @@ def rank_one(model, people, work_dir):
             hits[label] += gallery is not None and gallery.search_grid(probe["grid"], top=1)[0]["identity"] == name
     per_probe = (time.perf_counter() - start) / max(len(truth), 1)
     teacher = Teacher(FLAGS.teacher)
-    teacher_gallery = teacher.embed(np.stack([model.align(entry["photo"])[0] for entry in data.entries]))
-    teacher_scores = teacher.embed(np.stack(probe_faces)) @ teacher_gallery.T
+    gallery_faces = np.stack([model.align(entry["photo"])[0] for entry in data.entries])
+    teacher_scores = teacher.embed(np.stack(probe_faces)) @ teacher.embed(gallery_faces).T
     hits["teacher cosine"] = int(np.sum(np.argmax(teacher_scores, axis=1) == truth))
     print(f"Rank-1 on {len(probes)} LFW people, {len(data.entries)} faces enrolled "
           f"({len(data.entries) - len(probes)} distractors), {len(truth)} probes with a face (a person or probe "
@@ -158,6 +158,13 @@ def rank_one(model, people, work_dir):
         print(f"  {label:<40} {result}")
     print(f"Search of a real probe photo (align, embed, both xCos searches): {1000 * per_probe:.0f} ms per probe")
     probe_grids = np.stack(probe_grids)
+    true_faces = gallery_faces[truth]  # the enrolled faces again, embedded in float32
+    float32_grids = np.concatenate([model.runtime.embed(true_faces[start:start + 64])["grid"]
+                                    for start in range(0, len(true_faces), 64)])
+    change = np.abs(model.runtime.compare(probe_grids, float32_grids)["score"]
+                    - model.runtime.compare(probe_grids, np.asarray(data.grids[truth], np.float32))["score"])
+    print(f"float16 storage: the xCos score of the {len(truth)} probe / true-person pairs moved by at most "
+          f"{change.max():.1e} (mean {change.mean():.1e}) against the same faces' float32 grids")
     flat = _unit(np.asarray(data.grids, np.float32).reshape(len(data.entries), -1))
     vectors = {"cell sums (the index's summaries)": (index.summarize(probe_grids) @ np.asarray(data.summaries).T),
                "flattened grid (version-1 embedding)": _unit(probe_grids.reshape(len(truth), -1)) @ flat.T,
