@@ -90,7 +90,7 @@ def _search_probes(gallery, probes, top, single):
                 explain.exit_with_error(str(err))
             print(f"note: skipped: {err}", file=sys.stderr)
             continue
-        hits = gallery.search_grid(embedded["grid"], embedded["embedding"], top=top)
+        hits = gallery.search_grid(embedded["grid"], top=top)
         found[probe] = hits
         drawn.append((os.path.basename(probe), embedded["face"], hits))
     return found, drawn

@@ -27,7 +27,7 @@ def search_upload(upload, gallery, read_photo, top=TOP):
     name = f"probe ({upload.get('orig_name') or os.path.basename(upload['path'])})"
     photo = read_photo(upload["path"], name)
     embedded = gallery.model.embed(photo)
-    hits = gallery.search_grid(embedded["grid"], embedded["embedding"], top=top)
+    hits = gallery.search_grid(embedded["grid"], top=top)
     if not hits:
         raise ValueError("the gallery is empty")
     threshold = gallery.model.threshold

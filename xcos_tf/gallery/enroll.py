@@ -33,14 +33,13 @@ def scan_people(images_dir):
 
 
 def embed_faces(model, photos, progress=True):
-    """Aligns and embeds [(identity, path)]: (entries, embeddings [N, D], grids [N, h, w, C], rejects)."""
-    entries, embeddings, grids, rejects, batch = [], [], [], [], []
+    """Aligns and embeds [(identity, path)]: (entries, grids float16 [N, h, w, C], rejects)."""
+    entries, grids, rejects, batch = [], [], [], []
 
     def flush():
         outputs = model.runtime.embed(np.stack([face for _, face in batch]))
         entries.extend(entry for entry, _ in batch)
-        embeddings.append(outputs["embedding"])
-        grids.append(outputs["grid"])
+        grids.append(index_lib.stored_grids(outputs["grid"], model.runtime.grid_shape))  # half the RAM until saved
         batch.clear()
 
     for identity, photo in progress_lib.bar(photos, description="enrolling", unit="photo", show=progress):
@@ -54,10 +53,8 @@ def embed_faces(model, photos, progress=True):
             flush()
     if batch:
         flush()
-    grid_shape = tuple(model.runtime.grid_shape)
-    size = int(np.prod(grid_shape))
-    return (entries, np.concatenate(embeddings) if embeddings else np.zeros((0, size), np.float32),
-            np.concatenate(grids) if grids else np.zeros((0, *grid_shape), np.float32), rejects)
+    return (entries, np.concatenate(grids) if grids else np.zeros((0, *model.runtime.grid_shape), index_lib.GRID_DTYPE),
+            rejects)
 
 
 def enroll(model, model_dir, images_dir, index_dir, progress=True):
@@ -77,7 +74,7 @@ def enroll(model, model_dir, images_dir, index_dir, progress=True):
     index_lib.check_replaceable(index_dir)
     fingerprint = index_lib.model_fingerprint(model.runtime.manifest)
     if os.path.exists(os.path.join(os.fspath(index_dir), index_lib.MANIFEST)):
-        data = index_lib.open_index(index_dir, mmap=False)
+        data = index_lib.open_index(index_dir)  # memory-mapped: the save streams its rows into the new folder
         if data.fingerprint != fingerprint:
             raise index_lib.GalleryError(
                 f"{index_dir} was enrolled with another model ({data.model_dir}): enrol into a new index"
@@ -87,8 +84,8 @@ def enroll(model, model_dir, images_dir, index_dir, progress=True):
     known = data.known_photos()
     photos = scan_people(images_dir)
     new = [(identity, photo) for identity, photo in photos if photo not in known]
-    entries, embeddings, grids, rejects = embed_faces(model, new, progress=progress)
+    entries, grids, rejects = embed_faces(model, new, progress=progress)
     if new:
-        index_lib.save(data.extended(entries, embeddings, grids, rejects), index_dir)
+        index_lib.save(data, index_dir, entries=entries, grids=grids, rejects=rejects)
     return {"added": len(entries), "rejected": len(rejects), "skipped": len(photos) - len(new),
             "entries": len(data.entries) + len(entries), "rejects": rejects}
