@@ -149,6 +149,33 @@ def test_evaluate_pairs_reports_every_measure(tmp_path):
     assert all(align.read_image(p).std() > 5 for p in written)
 
 
+def test_decompose_row_and_its_exactness():
+    """With a `decompose` signature: its own verification row from its score (here the cosine of
+    the flattened grids, so it must equal the plain cosine row), the largest |sum + bias - score|,
+    and its gap to the teacher row, with what the stored teacher cosines saw."""
+    runtime = tiny_verifiers.StubDecompose(tiny_verifiers.patch_runtime("uniform"))
+    pairs = _synthetic_pairs()
+    pairs.teacher_cos_note = "the stored cosines saw other pixels"
+    results = evaluate.evaluate_pairs(runtime, pairs, occluders=(), deletion_pairs=0, decompose=True)
+    verification = results["verification"]
+    assert list(verification) == ["xcos", "cosine", "teacher", "decompose"]
+    assert verification["decompose"]["fold_accuracies"] == verification["cosine"]["fold_accuracies"]
+    check = results["decompose_check"]
+    assert check["max_abs_sum_plus_bias_minus_score"] < 1e-5
+    outputs = runtime.decompose(pairs.faces[pairs.index_a], pairs.faces[pairs.index_b])
+    assert check["max_abs_minus_teacher"] == pytest.approx(np.abs(outputs["score"] - pairs.teacher_cos).max(), abs=1e-6)
+    table = evaluate.format_table(results)
+    assert "decompose (teacher)" in table and "|sum(contribution_map) + bias - score| <= " in table
+    assert "decompose vs teacher cosine: |difference| mean" in table and "(the stored cosines saw other pixels)" in table
+    assert "decompose_check" not in evaluate.evaluate_pairs(runtime, pairs, occluders=(), deletion_pairs=0)
+
+
+def test_stored_teacher_note_names_a_lossy_encoding():
+    note = evaluate._stored_teacher_note([{"image_format": "jpeg", "jpeg_quality": 95}])
+    assert "before make_shards encoded them as JPEG (quality 95)" in note
+    assert evaluate._stored_teacher_note([{"image_format": "png"}, {}]) == ""
+
+
 def _write_pair_shards(out_dir, pairs):
     from xcos_tf.data import records
 
@@ -177,6 +204,7 @@ def test_pair_shards_load_as_a_pair_set(tmp_path):
     np.testing.assert_array_equal(loaded.folds, pairs.folds[chosen])
     expected_cos = np.sum(teacher[pairs.index_a[chosen]] * teacher[pairs.index_b[chosen]], axis=1)
     np.testing.assert_allclose(loaded.teacher_cos, expected_cos, atol=1e-5)
+    assert loaded.teacher_cos_note == ""  # PNG faces: the stored cosines saw the same pixels
 
 
 def test_spread_subset_covers_every_fold():
