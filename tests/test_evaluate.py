@@ -171,19 +171,18 @@ def test_decompose_row_and_its_exactness():
 
 
 def test_stored_teacher_note_names_a_lossy_encoding():
-    note = evaluate._stored_teacher_note([{"image_format": "jpeg", "jpeg_quality": 95}])
-    assert "before make_shards encoded them as JPEG (quality 95)" in note
-    assert evaluate._stored_teacher_note([{"image_format": "png"}, {}]) == ""
+    assert "before make_shards stored them as JPEG" in evaluate._stored_teacher_note("jpeg")
+    assert evaluate._stored_teacher_note("png") == ""
 
 
-def _write_pair_shards(out_dir, pairs):
+def _write_pair_shards(out_dir, pairs, image_format="png"):
     from xcos_tf.data import records
 
     teacher = np.random.default_rng(1).normal(size=(len(pairs.faces), 8)).astype(np.float32)
     teacher /= np.linalg.norm(teacher, axis=1, keepdims=True)
     serialized = [
         records.encode_pair_example(
-            align.encode_image(pairs.faces[a], "png"), align.encode_image(pairs.faces[b], "png"), "png",
+            align.encode_image(pairs.faces[a], image_format), align.encode_image(pairs.faces[b], image_format), image_format,
             same, fold, f"a{i}", f"b{i}", f"a{i}.png", f"b{i}.png", teacher[a], teacher[b])
         for i, (a, b, same, fold) in enumerate(zip(pairs.index_a, pairs.index_b, pairs.is_same, pairs.folds))
     ]
@@ -205,6 +204,8 @@ def test_pair_shards_load_as_a_pair_set(tmp_path):
     expected_cos = np.sum(teacher[pairs.index_a[chosen]] * teacher[pairs.index_b[chosen]], axis=1)
     np.testing.assert_allclose(loaded.teacher_cos, expected_cos, atol=1e-5)
     assert loaded.teacher_cos_note == ""  # PNG faces: the stored cosines saw the same pixels
+    _write_pair_shards(tmp_path / "jpeg", pairs, image_format="jpeg")
+    assert "as JPEG" in evaluate.load_pairs(tmp_path / "jpeg", evaluate.DEFAULT_DETECTOR).teacher_cos_note
 
 
 def test_spread_subset_covers_every_fold():

@@ -112,7 +112,9 @@ def load_lfw(lfw_dir, aligner, max_pairs=None):
 
 def load_pair_shards(path, max_pairs=None):
     """Pair shards (`tools/make_shards`) -> `PairSet`; each pair keeps its own two faces."""
-    from xcos_tf.data import pipeline, records  # TensorFlow: only for shards
+    import tensorflow as tf  # only for shards
+
+    from xcos_tf.data import pipeline, records
 
     batches = []
     for batch in pipeline.eval_pair_dataset(path, batch_size=256).as_numpy_iterator():
@@ -120,6 +122,8 @@ def load_pair_shards(path, max_pairs=None):
             batch[key] = np.round(batch[key]).astype(np.uint8)
         batches.append(batch)
     columns = {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+    # Every face of a make_shards run has one encoding: the first record's says which.
+    first = records.decode_pair(next(iter(tf.data.TFRecordDataset(pipeline.list_shards(path)[0]))))
     chosen = spread_subset(len(columns["is_same"]), max_pairs)
     faces_a, faces_b = columns["image_a"][chosen], columns["image_b"][chosen]
     count = len(chosen)
@@ -132,19 +136,17 @@ def load_pair_shards(path, max_pairs=None):
         folds=columns["fold"][chosen],
         teacher_cos=teacher_cos,
         source=f"{path} (pair shards)",
-        teacher_cos_note=_stored_teacher_note(records.read_manifest(os.path.dirname(f)) or {}
-                                              for f in pipeline.list_shards(path)),
+        teacher_cos_note=_stored_teacher_note(first["image_format"].numpy().decode()),
     )
 
 
-def _stored_teacher_note(manifests):
+def _stored_teacher_note(image_format):
     """make_shards embeds each aligned face with the teacher before it encodes it: with a lossy
     encoding the stored teacher cosine saw other pixels than any model that reads the shards."""
-    qualities = sorted({m.get("jpeg_quality", "?") for m in manifests if m.get("image_format") == "jpeg"})
-    if not qualities:
+    if image_format != "jpeg":
         return ""
-    return ("the stored teacher cosines are the teacher's on the aligned faces before make_shards encoded them "
-            f"as JPEG (quality {', '.join(map(str, qualities))}); decompose and --teacher run it on the decoded faces")
+    return ("the stored teacher cosines are the teacher's on the aligned faces before make_shards stored them "
+            "as JPEG; decompose and --teacher run it on the decoded JPEG faces")
 
 
 def load_pairs(path, detector, max_pairs=None):
