@@ -149,14 +149,40 @@ def test_evaluate_pairs_reports_every_measure(tmp_path):
     assert all(align.read_image(p).std() > 5 for p in written)
 
 
-def _write_pair_shards(out_dir, pairs):
+def test_decompose_row_and_its_exactness():
+    """With a `decompose` signature: its own verification row from its score (here the cosine of
+    the flattened grids, so it must equal the plain cosine row), the largest |sum + bias - score|,
+    and its gap to the teacher row, with what the stored teacher cosines saw."""
+    runtime = tiny_verifiers.StubDecompose(tiny_verifiers.patch_runtime("uniform"))
+    pairs = _synthetic_pairs()
+    pairs.teacher_cos_note = "the stored cosines saw other pixels"
+    results = evaluate.evaluate_pairs(runtime, pairs, occluders=(), deletion_pairs=0, decompose=True)
+    verification = results["verification"]
+    assert list(verification) == ["xcos", "cosine", "teacher", "decompose"]
+    assert verification["decompose"]["fold_accuracies"] == verification["cosine"]["fold_accuracies"]
+    check = results["decompose_check"]
+    assert check["max_abs_sum_plus_bias_minus_score"] < 1e-5
+    outputs = runtime.decompose(pairs.faces[pairs.index_a], pairs.faces[pairs.index_b])
+    assert check["max_abs_minus_teacher"] == pytest.approx(np.abs(outputs["score"] - pairs.teacher_cos).max(), abs=1e-6)
+    table = evaluate.format_table(results)
+    assert "decompose (teacher)" in table and "|sum(contribution_map) + bias - score| <= " in table
+    assert "decompose vs teacher cosine: |difference| mean" in table and "(the stored cosines saw other pixels)" in table
+    assert "decompose_check" not in evaluate.evaluate_pairs(runtime, pairs, occluders=(), deletion_pairs=0)
+
+
+def test_stored_teacher_note_names_a_lossy_encoding():
+    assert "before make_shards stored them as JPEG" in evaluate._stored_teacher_note("jpeg")
+    assert evaluate._stored_teacher_note("png") == ""
+
+
+def _write_pair_shards(out_dir, pairs, image_format="png"):
     from xcos_tf.data import records
 
     teacher = np.random.default_rng(1).normal(size=(len(pairs.faces), 8)).astype(np.float32)
     teacher /= np.linalg.norm(teacher, axis=1, keepdims=True)
     serialized = [
         records.encode_pair_example(
-            align.encode_image(pairs.faces[a], "png"), align.encode_image(pairs.faces[b], "png"), "png",
+            align.encode_image(pairs.faces[a], image_format), align.encode_image(pairs.faces[b], image_format), image_format,
             same, fold, f"a{i}", f"b{i}", f"a{i}.png", f"b{i}.png", teacher[a], teacher[b])
         for i, (a, b, same, fold) in enumerate(zip(pairs.index_a, pairs.index_b, pairs.is_same, pairs.folds))
     ]
@@ -177,6 +203,9 @@ def test_pair_shards_load_as_a_pair_set(tmp_path):
     np.testing.assert_array_equal(loaded.folds, pairs.folds[chosen])
     expected_cos = np.sum(teacher[pairs.index_a[chosen]] * teacher[pairs.index_b[chosen]], axis=1)
     np.testing.assert_allclose(loaded.teacher_cos, expected_cos, atol=1e-5)
+    assert loaded.teacher_cos_note == ""  # PNG faces: the stored cosines saw the same pixels
+    _write_pair_shards(tmp_path / "jpeg", pairs, image_format="jpeg")
+    assert "as JPEG" in evaluate.load_pairs(tmp_path / "jpeg", evaluate.DEFAULT_DETECTOR).teacher_cos_note
 
 
 def test_spread_subset_covers_every_fold():

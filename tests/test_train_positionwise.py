@@ -9,7 +9,6 @@ import sys
 import keras
 import numpy as np
 import onnx
-from onnx import helper
 import pytest
 import tensorflow as tf
 
@@ -28,22 +27,10 @@ CELLS = 16
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]  # where `python -m xcos_tf.export` runs
 
 
-def tiny_face_model_112():
-    model = tiny_onnx_tails.tiny_face_model("gdconv")
-    graph = model.graph
-    for node in graph.node:
-        node.input[:] = ["x_pooled" if name == "x" else name for name in node.input]
-    graph.node.insert(0, helper.make_node("MaxPool", ["x"], ["x_pooled"], name="pool", kernel_shape=[4, 4], strides=[4, 4]))
-    graph.input[0].type.tensor_type.shape.dim[2].dim_value = 112
-    graph.input[0].type.tensor_type.shape.dim[3].dim_value = 112
-    onnx.checker.check_model(model)
-    return model
-
-
 @pytest.fixture(scope="module")
 def onnx_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("onnx") / "tiny_gdconv_112.onnx"
-    onnx.save(tiny_face_model_112(), str(path))
+    onnx.save(tiny_onnx_tails.tiny_face_model_112(), str(path))
     return path
 
 
@@ -101,7 +88,7 @@ def test_fresh_head_is_the_teacher_tail_centred_on_the_training_faces(tmp_path, 
     # The grid's cells sum to the ONNX model's embedding minus the centre's sum.
     pixels = np.random.default_rng(0).uniform(0, 255, (3, *IMAGE_SHAPE)).astype("float32")
     grid = np.asarray(trainer.grid_head(trainer.backbone(pixels)))
-    (embedding,) = tiny_onnx_tails.run_onnx(tiny_face_model_112(), pixels)
+    (embedding,) = tiny_onnx_tails.run_onnx(tiny_onnx_tails.tiny_face_model_112(), pixels)
     expected = embedding - np.asarray(trainer.grid_head.centre).sum(axis=0)
     np.testing.assert_allclose(grid.reshape(3, CELLS, -1).sum(axis=1), expected, atol=1e-3)
 

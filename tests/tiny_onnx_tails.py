@@ -122,6 +122,20 @@ def tiny_face_model(tail="gdconv", nonlinear=None, seed=0):
     return model
 
 
+def tiny_face_model_112():
+    """`tiny_face_model("gdconv")` on 112x112 faces (those the feature cache and the export take):
+    a 4x4 max pooling first, then the 28x28 -> 4x4x16 body and the GDConv tail."""
+    model = tiny_face_model("gdconv")
+    graph = model.graph
+    for node in graph.node:
+        node.input[:] = ["x_pooled" if name == "x" else name for name in node.input]
+    graph.node.insert(0, helper.make_node("MaxPool", ["x"], ["x_pooled"], name="pool", kernel_shape=[4, 4], strides=[4, 4]))
+    graph.input[0].type.tensor_type.shape.dim[2].dim_value = 112
+    graph.input[0].type.tensor_type.shape.dim[3].dim_value = 112
+    onnx.checker.check_model(model)
+    return model
+
+
 def run_onnx(model, pixels, tensors=("embedding",)):
     """onnxruntime's values of `tensors` for RGB pixels 0..255 NHWC (scaled as from_onnx does)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())

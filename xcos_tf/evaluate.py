@@ -6,7 +6,10 @@
 - Verification: k-fold accuracy over the pairs' own folds (10 for LFW; the threshold chosen on
   the other folds), TAR at FAR 1e-2
   and 1e-3, ROC curve; rows for the xCos score, the plain cosine of the 1568-d embedding, and
-  the teacher's cosine (from `--teacher`, or from the teacher embeddings stored in the shards).
+  the teacher's cosine (from `--teacher`, or from the teacher embeddings stored in the shards),
+  and, when the export has the `decompose` signature, "decompose (teacher)": the original
+  teacher's cosine from it, with the largest |sum(contribution_map) + bias - score| and its gap
+  to the teacher row (stored cosines were computed before make_shards' JPEG encoding: said).
 - Occlusion: the same pairs with a synthetic occluder pasted on face B (`OCCLUDERS`: dark
   glasses over the eyes, a mask over nose and mouth, a random square, a black band over both
   eyes, placed from the ArcFace template): k-fold accuracy of each row, and how often the
@@ -31,7 +34,7 @@ from absl import flags
 
 from xcos_tf import cli, faithfulness, metrics, progress, runtime
 from xcos_tf.occlusion import GREY, OCCLUDERS, SQUARE_SIZE, cell_coverage, occlude, occluder_box
-from xcos_tf.scoring import BATCH_SIZE, compare_grids, embed_faces, row_cosine
+from xcos_tf.scoring import compare_grids, decompose_pairs, embed_faces, row_cosine
 from xcos_tf.data import align, image_io
 from xcos_tf.data import pairs as pairs_lib
 from xcos_tf.data.pairs import spread_subset
@@ -58,6 +61,8 @@ class PairSet:
         folds: int [P], the protocol fold of each pair.
         teacher_cos: float32 [P] or None, the teacher cosine stored with the pairs.
         source: str, where the pairs came from.
+        teacher_cos_note: str, what the stored teacher cosine saw that the models here do not
+            ("" when the same faces).
     """
 
     faces: np.ndarray
@@ -67,6 +72,7 @@ class PairSet:
     folds: np.ndarray
     teacher_cos: np.ndarray = None
     source: str = ""
+    teacher_cos_note: str = ""
 
     def __len__(self):
         return len(self.is_same)
@@ -106,7 +112,9 @@ def load_lfw(lfw_dir, aligner, max_pairs=None, max_pixels=image_io.MAX_PIXELS):
 
 def load_pair_shards(path, max_pairs=None):
     """Pair shards (`tools/make_shards`) -> `PairSet`; each pair keeps its own two faces."""
-    from xcos_tf.data import pipeline  # TensorFlow: only for shards
+    import tensorflow as tf  # only for shards
+
+    from xcos_tf.data import pipeline, records
 
     batches = []
     for batch in pipeline.eval_pair_dataset(path, batch_size=256).as_numpy_iterator():
@@ -114,6 +122,8 @@ def load_pair_shards(path, max_pairs=None):
             batch[key] = np.round(batch[key]).astype(np.uint8)
         batches.append(batch)
     columns = {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+    # Every face of a make_shards run has one encoding: the first record's says which.
+    first = records.decode_pair(next(iter(tf.data.TFRecordDataset(pipeline.list_shards(path)[0]))))
     chosen = spread_subset(len(columns["is_same"]), max_pairs)
     faces_a, faces_b = columns["image_a"][chosen], columns["image_b"][chosen]
     count = len(chosen)
@@ -126,7 +136,17 @@ def load_pair_shards(path, max_pairs=None):
         folds=columns["fold"][chosen],
         teacher_cos=teacher_cos,
         source=f"{path} (pair shards)",
+        teacher_cos_note=_stored_teacher_note(first["image_format"].numpy().decode()),
     )
+
+
+def _stored_teacher_note(image_format):
+    """make_shards embeds each aligned face with the teacher before it encodes it: with a lossy
+    encoding the stored teacher cosine saw other pixels than any model that reads the shards."""
+    if image_format != "jpeg":
+        return ""
+    return ("the stored teacher cosines are the teacher's on the aligned faces before make_shards stored them "
+            "as JPEG; decompose and --teacher run it on the decoded JPEG faces")
 
 
 def load_pairs(path, detector, max_pairs=None, max_pixels=image_io.MAX_PIXELS):
@@ -163,7 +183,8 @@ def _log(message):
     print(message, file=sys.stderr, flush=True)
 
 
-def evaluate_pairs(model, pairs, teacher=None, occluders=OCCLUDERS, deletion_pairs=100, seed=0, methods=("xcos",)):
+def evaluate_pairs(model, pairs, teacher=None, occluders=OCCLUDERS, deletion_pairs=100, seed=0, methods=("xcos",),
+                   decompose=False):
     """Every measure of this module on one `PairSet`; returns a JSON-ready dict.
 
     Args:
@@ -177,6 +198,8 @@ def evaluate_pairs(model, pairs, teacher=None, occluders=OCCLUDERS, deletion_pai
         seed: int, seeds the random squares and the random cell orders.
         methods: explanation methods for the faithfulness table (`faithfulness.EXPLAINED_SCORES`),
             all of which `model` must be able to run.
+        decompose: bool, also verify with the model's `decompose` signature (the original
+            teacher's cosine split per cell): its own row, and how exactly its cells sum to it.
     """
     rng = np.random.default_rng(seed)
     index_a, index_b, is_same = pairs.index_a, pairs.index_b, pairs.is_same
@@ -190,6 +213,18 @@ def evaluate_pairs(model, pairs, teacher=None, occluders=OCCLUDERS, deletion_pai
         scores["teacher"] = row_cosine(teacher_embedding[index_a], teacher_embedding[index_b])
     elif pairs.teacher_cos is not None:
         scores["teacher"] = np.asarray(pairs.teacher_cos, np.float32)
+    if decompose:
+        _log(f"decompose: the teacher's cosine of {len(pairs)} pairs, split per cell")
+        parts = decompose_pairs(model, pairs.faces[index_a], pairs.faces[index_b])
+        scores["decompose"] = parts["score"]
+        residual = parts["contribution_map"].sum(axis=(1, 2)) + parts["bias"] - parts["score"]
+        decompose_check = {"max_abs_sum_plus_bias_minus_score": float(np.max(np.abs(residual)))}
+        if "teacher" in scores:
+            difference = np.abs(parts["score"] - scores["teacher"])
+            decompose_check.update(max_abs_minus_teacher=float(difference.max()),
+                                   mean_abs_minus_teacher=float(difference.mean()))
+            if teacher is None and pairs.teacher_cos_note:
+                decompose_check["teacher_note"] = pairs.teacher_cos_note
     results = {
         "source": pairs.source,
         "settings": {
@@ -205,6 +240,8 @@ def evaluate_pairs(model, pairs, teacher=None, occluders=OCCLUDERS, deletion_pai
         "folds": int(len(np.unique(pairs.folds))),
         "verification": {name: verification_summary(s, is_same, pairs.folds) for name, s in scores.items()},
     }
+    if decompose:
+        results["decompose_check"] = decompose_check
 
     same = np.flatnonzero(is_same)
     results["occlusion"], occluded_same = {}, {}
@@ -241,7 +278,8 @@ def evaluate_pairs(model, pairs, teacher=None, occluders=OCCLUDERS, deletion_pai
     return results
 
 
-ROW_NAMES = {"xcos": "xCos score", "cosine": "plain cosine (embedding)", "teacher": "teacher cosine"}
+ROW_NAMES = {"xcos": "xCos score", "cosine": "plain cosine (embedding)", "teacher": "teacher cosine",
+             "decompose": "decompose (teacher)"}
 
 
 def format_table(results):
@@ -278,12 +316,31 @@ def format_table(results):
         correlation = results["correlation"]
         lines.append(f"  Pearson r with the teacher cosine: xCos score {correlation['pearson_xcos_teacher']:.4f}, "
                      f"plain cosine {correlation['pearson_cosine_teacher']:.4f}")
+    lines.extend(_decompose_lines(results))
     if "faithfulness" in results or results.get("faithfulness_skipped"):
         lines.append("")
         lines.append("faithfulness of the maps (same-person pairs; occluders on face B)")
         lines.extend(faithfulness.format_faithfulness(results.get("faithfulness", {}),
                                                       results.get("faithfulness_skipped")))
     return "\n".join(lines)
+
+
+def _decompose_lines(results):
+    """How exactly decompose's cells sum to its score, and how its score compares with the
+    teacher row's (the same model: any gap comes from the pixels each saw)."""
+    check = results.get("decompose_check")
+    if not check:
+        return []
+    lines = [f"  decompose: |sum(contribution_map) + bias - score| <= {check['max_abs_sum_plus_bias_minus_score']:.1e} "
+             f"over all {results['pairs']} pairs"]
+    if "max_abs_minus_teacher" in check:
+        verification = results["verification"]
+        gap = 100 * (verification["decompose"]["accuracy"] - verification["teacher"]["accuracy"])
+        lines.append(f"  decompose vs teacher cosine: |difference| mean {check['mean_abs_minus_teacher']:.1e}, max "
+                     f"{check['max_abs_minus_teacher']:.1e}; accuracy {gap:+.2f} points")
+        if "teacher_note" in check:
+            lines.append(f"    ({check['teacher_note']})")
+    return lines
 
 
 def _new_figure(size):
@@ -417,11 +474,13 @@ def main(argv, args):
     except (OSError, ValueError) as err:
         exit_with_error(f"--model {args.model.value}: {err}")
     methods, skipped = runnable_methods(model, args.methods.value, pairs.faces[0])
+    decompose = not runnable_methods(model, ["decomposition"], pairs.faces[0])[1]
     folds = len(np.unique(pairs.folds))
     if folds < PROTOCOL_FOLDS:
         _log(fewer_folds_warning(folds))
     results = evaluate_pairs(model, pairs, teacher=teacher, occluders=tuple(args.occluders.value),
-                             deletion_pairs=args.deletion_pairs.value, seed=args.seed.value, methods=methods)
+                             deletion_pairs=args.deletion_pairs.value, seed=args.seed.value, methods=methods,
+                             decompose=decompose)
     if skipped:
         results["faithfulness_skipped"] = skipped
     results["model"] = {"path": args.model.value, "format": args.format.value}

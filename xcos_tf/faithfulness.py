@@ -25,7 +25,7 @@ Measures, all on face B of same-person pairs, face A intact:
 import numpy as np
 
 from xcos_tf.occlusion import grey_cells
-from xcos_tf.scoring import BATCH_SIZE, compare_grids, embed_faces, row_cosine
+from xcos_tf.scoring import compare_grids, decompose_pairs, embed_faces, row_cosine
 
 # What each method's curves measure (its own score), as printed.
 EXPLAINED_SCORES = {"xcos": "xCos score", "decomposition": "teacher cosine", "gradcam": "embedding cosine"}
@@ -63,18 +63,12 @@ class _GradCam(_XCos):
 
 
 class _Decomposition(_XCos):
-    def _decompose(self, faces_a, faces_b):
-        parts = [self.model.decompose(np.asarray(faces_a[i:i + BATCH_SIZE], np.float32),
-                                      np.asarray(faces_b[i:i + BATCH_SIZE], np.float32))
-                 for i in range(0, len(faces_a), BATCH_SIZE)]
-        return {key: np.concatenate([np.asarray(p[key], np.float32) for p in parts]) for key in ("score", "contribution_map")}
-
     def explain(self, faces_a, faces_b):
-        outputs = self._decompose(faces_a, faces_b)
+        outputs = decompose_pairs(self.model, faces_a, faces_b)
         return outputs["score"], outputs["contribution_map"]
 
     def scores(self, face_a, faces_b):
-        return self._decompose(np.repeat(face_a[None], len(faces_b), axis=0), faces_b)["score"]
+        return decompose_pairs(self.model, np.repeat(face_a[None], len(faces_b), axis=0), faces_b)["score"]
 
 
 _SCORERS = {"xcos": _XCos, "decomposition": _Decomposition, "gradcam": _GradCam}

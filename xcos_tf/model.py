@@ -10,6 +10,8 @@ from xcos_tf import layers
 from xcos_tf.data.records import UNLABELLED
 
 MARGIN_HEADS = {"cosface": layers.CosFace, "arcface": layers.ArcFace}
+# How far below the lowest cosine elsewhere the occluded cells' lowest one is pushed.
+OCCLUSION_MARGIN = 0.05
 GRID_HEADS = ("conv", "positionwise")
 
 Verifier = collections.namedtuple("Verifier", ["verify", "embed", "compare"])
@@ -28,7 +30,9 @@ class XCosTrainer(keras.Model):
     The loss is `ce_weight * CE(both faces) + xcos_weight * MSE(score, teacher_cos)`:
     the margin softmax keeps the grid an identity embedding and the MSE teaches the
     xCos score to agree with a frozen teacher's cosine. Faces labelled `UNLABELLED`
-    (-1) contribute only to the MSE term.
+    (-1) contribute only to the MSE term. With `occlusion_weight`, batches whose face B may
+    wear an occluder (`coverage_b`, xcos_tf.data.occluded_features) add
+    `occlusion_weight * occlusion_ranking_loss`.
 
     Args:
         backbone: `keras.Model`, aligned face (RGB 0..255) -> (H, W, C) feature map.
@@ -47,6 +51,7 @@ class XCosTrainer(keras.Model):
             (`XCosLayer(attention_prior=True)`). Defaults to False.
         ce_weight: float, weight of the margin-softmax loss. Defaults to 1.
         xcos_weight: float, weight of the MSE to the teacher cosine. Defaults to 1.
+        occlusion_weight: float, weight of `occlusion_ranking_loss`. Defaults to 0.
         **kwargs: other keyword arguments passed to `keras.Model`.
 
     Call arguments:
@@ -82,6 +87,7 @@ class XCosTrainer(keras.Model):
         context_init=0.0,
         learn_context=False,
         attention_prior=False,
+        occlusion_weight=0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -94,6 +100,8 @@ class XCosTrainer(keras.Model):
             )
         if margin not in MARGIN_HEADS:
             raise ValueError(f"`margin` must be one of {tuple(MARGIN_HEADS)}. Received: margin={margin!r}")
+        if occlusion_weight < 0:
+            raise ValueError(f"`occlusion_weight` must be >= 0. Received: occlusion_weight={occlusion_weight}")
         if ce_weight < 0 or xcos_weight < 0 or ce_weight + xcos_weight == 0:
             raise ValueError(
                 f"Loss weights must be >= 0 and not both 0. Received: ce_weight={ce_weight}, xcos_weight={xcos_weight}"
@@ -137,6 +145,7 @@ class XCosTrainer(keras.Model):
         self.context_init = float(context_init)
         self.learn_context = bool(learn_context)
         self.attention_prior = bool(attention_prior)
+        self.occlusion_weight = float(occlusion_weight)
 
     def call(self, inputs, training=False):
         # One backbone pass over both faces of every pair.
@@ -164,7 +173,8 @@ class XCosTrainer(keras.Model):
         return outputs
 
     def compute_loss_terms(self, batch, outputs):
-        """Per-replica mean loss terms of a batch of pairs: loss, ce_loss, xcos_loss."""
+        """Per-replica mean loss terms of a batch of pairs: loss, ce_loss, xcos_loss (and
+        occlusion_loss with `occlusion_weight`)."""
         ce_loss = ops.zeros((), "float32")
         if "logits" in outputs:
             labels = ops.cast(ops.concatenate([batch["label_a"], batch["label_b"]], 0), "int32")
@@ -176,7 +186,12 @@ class XCosTrainer(keras.Model):
         teacher_cos = ops.cast(batch["teacher_cos"], "float32")
         xcos_loss = ops.mean(ops.square(outputs["score"] - teacher_cos))
         loss = self.ce_weight * ce_loss + self.xcos_weight * xcos_loss
-        return {"loss": loss, "ce_loss": ce_loss, "xcos_loss": xcos_loss}
+        terms = {"ce_loss": ce_loss, "xcos_loss": xcos_loss}
+        if self.occlusion_weight:
+            same = ops.logical_and(batch["label_a"] == batch["label_b"], batch["label_a"] >= 0)
+            terms["occlusion_loss"] = occlusion_ranking_loss(outputs["cos_map"], batch["coverage_b"], same)
+            loss = loss + self.occlusion_weight * terms["occlusion_loss"]
+        return {"loss": loss, **terms}
 
     def compile(self, optimizer="sgd", attention_optimizer=None, backbone_optimizer=None, **kwargs):
         """As `keras.Model.compile`, plus optional separate optimizers for the attention and the backbone.
@@ -253,6 +268,7 @@ class XCosTrainer(keras.Model):
                 "context_init": self.context_init,
                 "learn_context": self.learn_context,
                 "attention_prior": self.attention_prior,
+                "occlusion_weight": self.occlusion_weight,
             }
         )
         return config
@@ -262,6 +278,25 @@ class XCosTrainer(keras.Model):
         config = dict(config)
         config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
         return cls(**config)
+
+
+def occlusion_ranking_loss(cos_map, coverage, same, margin=OCCLUSION_MARGIN):
+    """Mean over the same-person pairs whose face B is partly occluded of
+    `relu(margin + min cos over the occluded cells - min cos over the others)`: zero once the
+    lowest cell of the cos map lies under the occluder by `margin` (what the evaluation's
+    occluder localisation counts). A cell is occluded when the occluder covers at least half of it.
+
+    Args:
+        cos_map: float [B, H, W]; coverage: float [B, H, W], the share of each cell of face B
+            under the occluder (zeros for a clean face); same: bool [B].
+    """
+    cos = ops.reshape(ops.cast(cos_map, "float32"), (ops.shape(cos_map)[0], -1))
+    covered = ops.reshape(coverage, ops.shape(cos)) >= 0.5
+    above = 2.0  # above any cosine: masks the other cells out of a minimum
+    hidden = ops.min(ops.where(covered, cos, above), axis=1)
+    visible = ops.min(ops.where(covered, above, cos), axis=1)
+    counted = ops.cast(same & ops.any(covered, axis=1) & ops.any(ops.logical_not(covered), axis=1), "float32")
+    return ops.sum(ops.relu(margin + hidden - visible) * counted) / ops.maximum(ops.sum(counted), 1.0)
 
 
 def unit_embedding(grid):

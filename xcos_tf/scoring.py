@@ -1,6 +1,8 @@
 """Pair scoring, batched, for every caller: the trainer's evaluator, `tools/choose_threshold`
 and `xcos_tf.evaluate`. Faces or grids in, scores (and maps) out.
 
+`decompose_pairs` batches the export's `decompose` signature (the teacher's cosine split per cell).
+
 A "scorer" is anything with `embed(faces) -> {"embedding", "grid"}` and
 `compare(grid_a, grid_b) -> {"score", "cos_map", "attention_map"}` on numpy arrays: a runtime
 (`xcos_tf.runtime.load`), or a Keras `Verifier` wrapped in `VerifierScorer`.
@@ -39,6 +41,15 @@ def compare_grids(model, grid_a, grid_b, batch_size=BATCH_SIZE):
     """The model's `compare` over pairs of grids, in batches: score, cos_map, attention_map."""
     parts = [model.compare(grid_a[start:start + batch_size], grid_b[start:start + batch_size])
              for start in range(0, len(grid_a), batch_size)]
+    return {key: np.concatenate([np.asarray(p[key], np.float32) for p in parts]) for key in parts[0]}
+
+
+def decompose_pairs(model, faces_a, faces_b, batch_size=BATCH_SIZE):
+    """The model's `decompose` over pairs of faces, in batches: score, contribution_map, bias
+    (the original teacher's cosine split per cell; the model must have the signature)."""
+    parts = [model.decompose(np.asarray(faces_a[start:start + batch_size], np.float32),
+                             np.asarray(faces_b[start:start + batch_size], np.float32))
+             for start in range(0, len(faces_a), batch_size)]
     return {key: np.concatenate([np.asarray(p[key], np.float32) for p in parts]) for key in parts[0]}
 
 

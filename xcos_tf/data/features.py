@@ -19,8 +19,8 @@ other processes wait for it with `wait_for_cache` instead of computing it again.
 sampler as the image pipeline (`pipeline.sample_pairs`) and yields
     {"feature_a", "feature_b": float32 [B, H, W, C], "label_a", "label_b": int32 [B],
      "teacher_cos": float32 [B]}
-which `XCosTrainer` takes in place of `image_a`/`image_b`. `eval_feature_pairs` loads pair
-feature shards as numpy arrays for fast evaluation.
+(plus `occluded_features`' fields with occlusion), which `XCosTrainer` takes in place of
+`image_a`/`image_b`. `eval_feature_pairs` loads pair feature shards as numpy arrays.
 """
 import functools
 import hashlib
@@ -106,28 +106,30 @@ def _bytes_feature(value):
     return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
 
 
-def _map_bytes(feature_map):
-    return np.ascontiguousarray(feature_map, dtype=FEATURE_DTYPE).tobytes()
+def map_feature(feature_map):
+    """A feature map as a record field: its `FEATURE_DTYPE` bytes (`parse_map` reads it)."""
+    return _bytes_feature(np.ascontiguousarray(feature_map, dtype=FEATURE_DTYPE).tobytes())
 
 
-def _encode_face(face, feature_map, feature_map_flip):
+def _encode_face(face, feature_map, feature_map_flip, extra):
     feature = {
-        FEATURE_FACE_KEYS["map"]: _bytes_feature(_map_bytes(feature_map)),
-        FEATURE_FACE_KEYS["map_flip"]: _bytes_feature(_map_bytes(feature_map_flip)),
+        FEATURE_FACE_KEYS["map"]: map_feature(feature_map),
+        FEATURE_FACE_KEYS["map_flip"]: map_feature(feature_map_flip),
         FEATURE_FACE_KEYS["label"]: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(face["label"])])),
         FEATURE_FACE_KEYS["identity"]: _bytes_feature(face["identity"]),
         FEATURE_FACE_KEYS["source"]: _bytes_feature(face["source"]),
     }
     for key in ("teacher_embedding", "teacher_embedding_flip"):
         feature[FEATURE_FACE_KEYS[key]] = tf.train.Feature(float_list=tf.train.FloatList(value=face[key].tolist()))
+    feature.update(extra)
     example = tf.train.Example(features=tf.train.Features(feature=feature))
     return example.SerializeToString(deterministic=True)
 
 
 def _encode_pair(pair, map_a, map_b):
     feature = {
-        FEATURE_PAIR_KEYS["map_a"]: _bytes_feature(_map_bytes(map_a)),
-        FEATURE_PAIR_KEYS["map_b"]: _bytes_feature(_map_bytes(map_b)),
+        FEATURE_PAIR_KEYS["map_a"]: map_feature(map_a),
+        FEATURE_PAIR_KEYS["map_b"]: map_feature(map_b),
         FEATURE_PAIR_KEYS["is_same"]: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(pair["is_same"])])),
         FEATURE_PAIR_KEYS["fold"]: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(pair["fold"])])),
     }
@@ -166,7 +168,7 @@ def _cache_config(scan, kind, fingerprint, feature_shape):
     }
 
 
-def write_feature_shards(backbone, shard_patterns, out_dir, kind="faces", batch_size=64, progress=True):
+def write_feature_shards(backbone, shard_patterns, out_dir, kind="faces", batch_size=64, progress=True, extra=None):
     """Runs the frozen `backbone` once over face or pair shards and writes feature shards.
 
     Args:
@@ -177,6 +179,11 @@ def write_feature_shards(backbone, shard_patterns, out_dir, kind="faces", batch_
         out_dir: folder of the feature shards and `manifest.json`.
         kind: `"faces"` (each face and its horizontal flip) or `"pairs"`.
         batch_size: int, faces per backbone call.
+        extra: optional, faces only: more fields per record, from an object with `config` (a
+            dict for the manifest: a cache of other settings is refused) and
+            `features(batch, start, maps_of)` -> one `{key: tf.train.Feature}` per face of the
+            decoded `batch` (records `start`...; `maps_of`: images -> backbone maps), e.g.
+            `occluded_features.OccludedFaces`.
 
     Re-running with the same inputs and weights continues after the last finished shard, or
     does nothing when the cache is complete; other inputs or weights raise
@@ -184,6 +191,8 @@ def write_feature_shards(backbone, shard_patterns, out_dir, kind="faces", batch_
     """
     if kind not in ("faces", "pairs"):
         raise ValueError(f"`kind` must be 'faces' or 'pairs'. Received: kind={kind!r}")
+    if extra is not None and kind != "faces":
+        raise ValueError("`extra` fields are written into face caches only (kind='faces')")
     scan = pipeline.scan_shards(shard_patterns, kind)
     if scan.teacher_dim == 0:
         raise ValueError(f"The shards {scan.files} hold no teacher embeddings: re-create them with make_shards --teacher")
@@ -193,6 +202,8 @@ def write_feature_shards(backbone, shard_patterns, out_dir, kind="faces", batch_
         source_manifest = records.read_manifest(os.path.dirname(scan.files[0])) or {}
         config["num_classes"] = scan.num_classes
         config["classes"] = source_manifest.get("classes", [])
+        if extra is not None:
+            config["extra"] = extra.config
     out_dir, staging = os.fspath(out_dir), staging_dir(out_dir)
     manifest = records.read_manifest(out_dir)
     if manifest is not None:
@@ -236,9 +247,10 @@ def write_feature_shards(backbone, shard_patterns, out_dir, kind="faces", batch_
         if kind == "faces":
             feature_maps = maps_of(batch["image"]).numpy()
             feature_maps_flip = maps_of(batch["image"][:, :, ::-1]).numpy()
+            added = extra.features(batch, index, maps_of) if extra is not None else [{}] * len(feature_maps)
             for i in range(len(feature_maps)):
                 face = {key: value[i] for key, value in batch.items()}
-                pending.append(_encode_face(face, feature_maps[i], feature_maps_flip[i]))
+                pending.append(_encode_face(face, feature_maps[i], feature_maps_flip[i], added[i]))
         else:
             # Evaluation sets reuse faces across pairs: each distinct face runs once.
             # (A face without a source path is its own key.)
@@ -355,7 +367,7 @@ def cached_face_maps(caches):
     return files, parse
 
 
-def _face_parser(shape):
+def _face_parser(shape, parse_extra=None):
     features = {
         FEATURE_FACE_KEYS["map"]: tf.io.FixedLenFeature([], tf.string),
         FEATURE_FACE_KEYS["map_flip"]: tf.io.FixedLenFeature([], tf.string),
@@ -368,7 +380,8 @@ def _face_parser(shape):
     def parse(serialized):
         parsed = tf.io.parse_single_example(serialized, features)
         # The maps stay encoded until a pair is formed: the shuffle buffers hold bytes only once.
-        return {
+        face = parse_extra(serialized) if parse_extra else {}
+        return face | {
             "map": parsed[FEATURE_FACE_KEYS["map"]],
             "map_flip": parsed[FEATURE_FACE_KEYS["map_flip"]],
             "label": tf.cast(parsed[FEATURE_FACE_KEYS["label"]], tf.int32),
@@ -382,7 +395,7 @@ def _face_parser(shape):
 
 
 def feature_pair_dataset(cache_dirs, batch_size, same_fraction=0.5, flip=True, shuffle_buffer=8_000, seed=None,
-                         deterministic=False, input_context=None, repeat=True):
+                         deterministic=False, input_context=None, repeat=True, occlusion=None):
     """Training pairs of cached feature maps (see the module docstring), batched.
 
     Args:
@@ -394,6 +407,9 @@ def feature_pair_dataset(cache_dirs, batch_size, same_fraction=0.5, flip=True, s
             `pipeline.pair_dataset`.
         flip: bool, default True. Each face of a pair is taken flipped with probability 1/2
             (the flipped map with the flipped face's teacher embedding).
+        occlusion: optional `occluded_features.OcclusionSampler` (caches written with its
+            `OccludedFaces`): face B of some pairs is its occluded version, and the example
+            says where the occluder lies.
     """
     if isinstance(cache_dirs, (str, os.PathLike)):
         cache_dirs = [cache_dirs]
@@ -406,17 +422,20 @@ def feature_pair_dataset(cache_dirs, batch_size, same_fraction=0.5, flip=True, s
     files = [os.path.join(d, s["file"]) for d, m in zip(cache_dirs, manifests) for s in m["shards"]]
     counts = [s["records"] for m in manifests for s in m["shards"]]
     num_classes = max(m["num_classes"] for m in manifests)
-    parse = _face_parser(shape)
+    parse = _face_parser(shape, occlusion.parse if occlusion else None)
 
     def to_example(index, pair, pair_seed):
-        seeds = tf.random.experimental.stateless_split(pair_seed, num=2)
+        seeds = tf.random.experimental.stateless_split(pair_seed, num=3)
         sides = []
         for side in range(2):
             flipped = tf.random.stateless_uniform([], seeds[side]) < (0.5 if flip else 0.0)
             feature_map = parse_map(tf.where(flipped, pair["map_flip"][side], pair["map"][side]), shape)
             embedding = tf.where(flipped, pair["teacher_embedding_flip"][side], pair["teacher_embedding"][side])
             sides.append((feature_map, embedding))
-        return {
+        example = {}
+        if occlusion:
+            *sides[1], example = occlusion.occlude_b(pair, seeds[2], *sides[1], shape)
+        return example | {
             "feature_a": sides[0][0],
             "feature_b": sides[1][0],
             "label_a": pair["label"][0],

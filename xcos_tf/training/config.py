@@ -145,6 +145,23 @@ class TrainConfig:
     feature_cache_dir: str = _field(
         "", "Folder of the feature caches of --cache_backbone_features (default MODEL_DIR/feature_cache)."
     )
+    occlusion_fraction: float = _field(
+        0.0,
+        "Share of the training pairs whose face B wears a random synthetic occluder (a dark band over the eyes, "
+        "a grey rectangle, a mask-like lower-face block: xcos_tf.occlusion.training_occlusion), the target being "
+        "the teacher's cosine of the occluded pair. Needs --cache_backbone_features: the occluded faces, their "
+        "maps and their teacher embeddings get their own feature caches (xcos_tf.data.occluded_features).",
+        lower_bound=0.0, upper_bound=1.0,
+    )
+    occlusion_teacher: str = _field(
+        "", "The teacher run on the occluded faces (the very model that embedded the shards; default: the "
+        "--init_backbone=onnx:PATH file)."
+    )
+    occlusion_weight: float = _field(
+        0.0, "Weight of the per-cell occlusion loss: on same-person pairs whose face B is occluded, "
+        "relu(margin + lowest cos under the occluder - lowest cos elsewhere) (xcos_tf.model.occlusion_ranking_loss).",
+        lower_bound=0.0,
+    )
     # === Optimisation ===
     batch_size: int = _field(32, "Pairs per replica per step.", lower_bound=1)
     train_steps: int = _field(10000, "Total training steps.", lower_bound=1)
@@ -255,6 +272,12 @@ class TrainConfig:
                 raise ConfigError("cache_backbone_features", "needs --freeze_backbone: a trained backbone's maps change every step")
             if self.data != "shards" or self.teacher:
                 raise ConfigError("cache_backbone_features", "needs --data=shards and teacher_cos from the shards (no --teacher)")
+        if self.occlusion_fraction and not self.cache_backbone_features:
+            raise ConfigError("occlusion_fraction", "needs --cache_backbone_features (the occluded faces are cached)")
+        if self.occlusion_weight and not self.occlusion_fraction:
+            raise ConfigError("occlusion_weight", "needs --occlusion_fraction > 0 (pairs with an occluder)")
+        if self.occlusion_fraction and not self.occlusion_teacher and not self.init_backbone.startswith("onnx:"):
+            raise ConfigError("occlusion_teacher", "is required unless --init_backbone=onnx:PATH names the teacher")
         if self.ce_weight + self.xcos_weight <= 0:
             raise ConfigError("xcos_weight", "and --ce_weight must not both be 0")
         if self.warmup_steps >= self.train_steps and self.warmup_steps > 0:

@@ -85,6 +85,7 @@ def build_model(config, num_replicas=1):
         symmetric=config.symmetric,
         ce_weight=config.ce_weight,
         xcos_weight=config.xcos_weight,
+        occlusion_weight=config.occlusion_weight,
     )
     if config.init_from:
         _copy_trained_weights(config.init_from, trainer)

@@ -8,8 +8,8 @@ from absl import logging
 
 import tensorflow as tf
 
-from xcos_tf.data import features, pipeline, records
-from xcos_tf.training.config import ConfigError
+from xcos_tf.data import features, occluded_features, pipeline, records
+from xcos_tf.training.config import ConfigError, init_backbone_kind
 
 
 def resolve_data(config, num_input_pipelines=1):
@@ -27,6 +27,8 @@ def resolve_data(config, num_input_pipelines=1):
             raise ConfigError("train_shards", "hold no teacher embeddings: re-create them with make_shards --teacher=PATH")
         if num_input_pipelines > 1:
             _check_split(config, scan, num_input_pipelines)
+        if config.occlusion_fraction:
+            occlusion_teacher(config)
         return dataclasses.replace(config, num_classes=scan.num_classes)
     return config
 
@@ -74,13 +76,24 @@ def _scan(flag, patterns, kind, **kwargs):
         raise ConfigError(flag, f"cannot be used: {error}") from None
 
 
+def occlusion_teacher(config):
+    """--occlusion_fraction: the teacher to run on the occluded faces (`--occlusion_teacher`, else
+    the --init_backbone ONNX file), checked to be the one that embedded the training shards."""
+    path = config.occlusion_teacher or init_backbone_kind(config.init_backbone)[1]
+    try:
+        return occluded_features.shards_teacher(path, pipeline.list_shards(list(config.train_shards)))
+    except (OSError, ValueError) as error:
+        raise ConfigError("occlusion_teacher", f"cannot be used: {error}") from None
+
+
 def _cache_sources(config):
     """[(feature cache folder, its source shard files)]: one cache per folder of training shards
-    (one make_shards run each)."""
+    (one make_shards run each); with --occlusion_fraction, caches that also hold occluded faces."""
     root = config.feature_cache_dir or os.path.join(config.model_dir, "feature_cache")
     files = pipeline.list_shards(list(config.train_shards))
     folders = sorted({os.path.dirname(path) for path in files})
-    return [(os.path.join(root, f"{index:02d}_{os.path.basename(folder)}"),
+    suffix = "_occluded" if config.occlusion_fraction else ""
+    return [(os.path.join(root, f"{index:02d}_{os.path.basename(folder)}{suffix}"),
              [f for f in files if os.path.dirname(f) == folder]) for index, folder in enumerate(folders)]
 
 
@@ -93,9 +106,12 @@ def feature_caches(config, backbone, writer_alive=None):
     that they hold the maps of its own backbone.
     """
     caches = []
+    extra = None
+    if config.occlusion_fraction and writer_alive is None:  # the writer runs the teacher on the occluded faces
+        extra = occluded_features.OccludedFaces(occlusion_teacher(config), config.seed)
     for cache, files in _cache_sources(config):
         if writer_alive is None:
-            features.write_feature_shards(backbone, files, cache)
+            features.write_feature_shards(backbone, files, cache, extra=extra)
         else:
             logging.info("Not the chief: this worker waits for the chief's feature cache %s.", cache)
             features.wait_for_cache(cache, writer_alive)
@@ -133,9 +149,13 @@ def train_dataset_fn(config, global_batch_size, epoch, skip_steps, caches=None):
                 num_classes=config.num_classes, seed=seed, same_fraction=config.same_fraction,
             )
         elif caches:
+            occlusion = None
+            if config.occlusion_fraction:
+                occlusion = occluded_features.OcclusionSampler(caches, config.occlusion_fraction)
             dataset = features.feature_pair_dataset(
                 caches, global_batch_size, same_fraction=config.same_fraction, seed=seed,
                 deterministic=config.deterministic, input_context=input_context, shuffle_buffer=config.shuffle_buffer,
+                occlusion=occlusion,
             )
         else:
             # The pipeline splits the global batch per replica and the files per input pipeline.

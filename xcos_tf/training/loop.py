@@ -57,7 +57,8 @@ def make_train_step(strategy, trainer, teacher=None, on_feature_maps=False, jit_
 
 
 def train(config):
-    """Trains (or resumes) the run the config describes; returns a dict of per-step loss lists.
+    """Trains (or resumes) the run the config describes; returns a dict of per-step loss lists
+    (one per loss term of the trainer).
 
     Raises `ConfigError` for bad values and for a model folder that holds another run.
     """
@@ -134,7 +135,7 @@ def _train(config, strategy, chief, run):
                 if not np.isfinite(terms["loss"]):
                     raise FloatingPointError(f"The loss became {terms['loss']} at step {current}; stopping.")
                 for name, value in terms.items():
-                    history[name].append(value)
+                    history.setdefault(name, []).append(value)
                 history["step"].append(current)
                 learning_rate = _learning_rate(trainer.optimizer)
                 progbar.update(current, [(name, value) for name, value in terms.items()] + [("lr", learning_rate)])
