@@ -2,6 +2,7 @@
 import keras
 
 from xcos_tf.layers.batch_norm import BatchNormalization
+from xcos_tf.layers.prelu import PReLU
 
 GRID_STRIDE = 16
 
@@ -54,4 +55,4 @@ def batch_norm(x, name, epsilon=1e-5):
 
 def prelu(x, name):
     # One slope per channel, shared over space, as torch.nn.PReLU(channels).
-    return keras.layers.PReLU(shared_axes=[1, 2], name=name)(x)
+    return PReLU(shared_axes=[1, 2], name=name)(x)

@@ -2,6 +2,7 @@
 import keras
 
 from xcos_tf.layers.batch_norm import BatchNormalization
+from xcos_tf.layers.prelu import PReLU
 
 
 @keras.saving.register_keras_serializable(package="xcos_tf")
@@ -40,11 +41,11 @@ class GridHead(keras.layers.Layer):
             epsilon=1e-5, momentum=0.9, dtype=self.dtype_policy, name="bn"
         )
         self._bn.build(grid_shape)
-        self._prelu = keras.layers.PReLU(shared_axes=[1, 2], dtype=self.dtype_policy, name="prelu")
+        self._prelu = PReLU(shared_axes=[1, 2], dtype=self.dtype_policy, name="prelu")
         self._prelu.build(grid_shape)
 
     def call(self, feature_map, training=False):
-        return self._prelu(self._bn(self._conv(feature_map), training=training))
+        return self._prelu(self._bn(self._conv(feature_map), training=training), training=training)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.channels,)

@@ -4,6 +4,7 @@ import numpy as np
 from keras import ops
 
 from xcos_tf.layers.batch_norm import BatchNormalization
+from xcos_tf.layers.prelu import PReLU
 
 ATTENTION_MODES = ("learned", "uniform", "fixed")
 _EPSILON = 1e-6
@@ -13,7 +14,7 @@ def _conv_bn_prelu(filters, dtype_policy, name):
     return [
         keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, dtype=dtype_policy, name=f"{name}_conv"),
         BatchNormalization(epsilon=1e-5, momentum=0.9, dtype=dtype_policy, name=f"{name}_bn"),
-        keras.layers.PReLU(shared_axes=[1, 2], dtype=dtype_policy, name=f"{name}_prelu"),
+        PReLU(shared_axes=[1, 2], dtype=dtype_policy, name=f"{name}_prelu"),
     ]
 
 
