@@ -17,8 +17,9 @@ on the synthetic source (no input cost): warm-up steps, then timed steps until b
     python tools/benchmark_training.py --seconds=60 --cases=mobilefacenet/default
 
 `--compare` instead times variants of one training step side by side (issue 17): Keras'
-BatchNormalization (the step before the fused BN), the fused BN, fused + XLA and fused +
-bfloat16 mixed precision (only on a CPU with AVX512_BF16), and with `--keras_insightface_dir`
+BatchNormalization and PReLU (the step before issue 17), the fused BN, fused BN + the PReLU
+with its hand-written gradient (today's step), that + XLA and that + bfloat16 mixed
+precision (only on a CPU with AVX512_BF16), and with `--keras_insightface_dir`
 (a checkout of leondgarse/Keras_insightface; needs tf_keras) its MobileFaceNet + NormDense +
 ArcFace step under Keras 2. Every variant is a worker process of its own (settings such as the
 precision policy cannot leak), built and warmed up first; then the workers take turns for
@@ -34,18 +35,18 @@ import platform
 import subprocess
 import sys
 import time
+import types
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tools.machine import cpu_info  # noqa: E402
-from xcos_tf import cli  # noqa: E402
+from xcos_tf import cli, paths  # noqa: E402
 
 cli.quiet_startup(__name__)  # before TensorFlow is imported
 
 from absl import flags  # noqa: E402
 
-TEACHER_ONNX = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "models", "teacher_mobilefacenet.onnx")
 # name -> (backbone, strategy, pairs per step (global), in-graph teacher)
 CASES = {
     "mobilefacenet/default": ("mobilefacenet", "default", 16, False),
@@ -58,31 +59,42 @@ CASES = {
 # --compare: images per step = 2 x pairs. MobileFaceNet at 32 images per step is the issue's
 # Keras_insightface comparison; IR-SE-50 takes seconds per step on 2 vCPUs, so a small batch.
 COMPARE_PAIRS = {"mobilefacenet": 16, "ir_se50": 2}
-# variant -> (fused BN, --jit_compile, --mixed_precision)
+# variant -> (fused BN, PReLU with its hand-written gradient, --jit_compile, --mixed_precision).
+# keras_bn is the step before issue 17 (Keras' own BN and PReLU ops); fused_bn+prelu is today's.
 VARIANTS = {
-    "keras_bn": (False, False, "none"),
-    "fused_bn": (True, False, "none"),
-    "fused_bn+xla": (True, True, "none"),
-    "fused_bn+bf16": (True, False, "mixed_bfloat16"),
+    "keras_bn": (False, False, False, "none"),
+    "fused_bn": (True, False, False, "none"),
+    "fused_bn+prelu": (True, True, False, "none"),
+    "fused_bn+prelu+xla": (True, True, True, "none"),
+    "fused_bn+prelu+bf16": (True, True, False, "mixed_bfloat16"),
 }
 KERAS_INSIGHTFACE = "keras_insightface"
 
-_CASES = flags.DEFINE_list("cases", list(CASES), f"Cases to run, of: {', '.join(CASES)}.")
-_MIN_STEPS = flags.DEFINE_integer("min_steps", 3, "Timed steps per case, at least.", lower_bound=1)
-_SECONDS = flags.DEFINE_float("seconds", 30.0, "Timed seconds per case, at least.", lower_bound=0.0)
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps first (tracing, allocation).", lower_bound=1)
-_TEACHER = flags.DEFINE_string("teacher_onnx", TEACHER_ONNX, "ONNX teacher imported for the in-graph teacher case.")
-_RUN_CASE = flags.DEFINE_string("run_case", "", "Internal: run one case in this process and print JSON.")
-_COMPARE = flags.DEFINE_bool("compare", False, "Compare the step's variants side by side instead of running --cases.")
-_MODELS = flags.DEFINE_list("models", list(COMPARE_PAIRS), f"--compare: backbones, of {', '.join(COMPARE_PAIRS)}.")
-_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"--compare: step variants, of {', '.join(VARIANTS)}.")
-_ROUNDS = flags.DEFINE_integer("rounds", 3, "--compare: rounds; each variant runs once per round.", lower_bound=1)
-_ROUND_SECONDS = flags.DEFINE_float("round_seconds", 20.0, "--compare: timed seconds per variant and round.", lower_bound=0.0)
-_PAIRS = flags.DEFINE_list("pairs_per_step", [], "--compare: MODEL=PAIRS per step overriding the defaults "
-                           + ", ".join(f"{m}={p}" for m, p in COMPARE_PAIRS.items()) + " (2 images per pair).")
-_KERAS_INSIGHTFACE = flags.DEFINE_string(
-    "keras_insightface_dir", "", "--compare: a checkout of leondgarse/Keras_insightface; adds its MobileFaceNet step.")
-_WORKER = flags.DEFINE_string("worker", "", "Internal: MODEL:VARIANT:PAIRS, a --compare worker on stdin/stdout.")
+
+
+def define_flags():
+    """The flags, defined only when this file runs as the program (tests import it)."""
+    return types.SimpleNamespace(
+        cases=flags.DEFINE_list("cases", list(CASES), f"Cases to run, of: {', '.join(CASES)}."),
+        min_steps=flags.DEFINE_integer("min_steps", 3, "Timed steps per case, at least.", lower_bound=1),
+        seconds=flags.DEFINE_float("seconds", 30.0, "Timed seconds per case, at least.", lower_bound=0.0),
+        warmup=flags.DEFINE_integer("warmup", 2, "Untimed steps first (tracing, allocation).", lower_bound=1),
+        teacher=flags.DEFINE_string("teacher_onnx", paths.DEFAULT_TEACHER,
+                                    "ONNX teacher imported for the in-graph teacher case."),
+        run_case=flags.DEFINE_string("run_case", "", "Internal: run one case in this process and print JSON."),
+        compare=flags.DEFINE_bool("compare", False, "Compare the step's variants side by side instead of running --cases."),
+        models=flags.DEFINE_list("models", list(COMPARE_PAIRS), f"--compare: backbones, of {', '.join(COMPARE_PAIRS)}."),
+        variants=flags.DEFINE_list("variants", list(VARIANTS), f"--compare: step variants, of {', '.join(VARIANTS)}."),
+        rounds=flags.DEFINE_integer("rounds", 3, "--compare: rounds; each variant runs once per round.", lower_bound=1),
+        round_seconds=flags.DEFINE_float("round_seconds", 20.0, "--compare: timed seconds per variant and round.",
+                                         lower_bound=0.0),
+        pairs=flags.DEFINE_list("pairs_per_step", [], "--compare: MODEL=PAIRS per step overriding the defaults "
+                                + ", ".join(f"{m}={p}" for m, p in COMPARE_PAIRS.items()) + " (2 images per pair)."),
+        keras_insightface=flags.DEFINE_string(
+            "keras_insightface_dir", "",
+            "--compare: a checkout of leondgarse/Keras_insightface; adds its MobileFaceNet step."),
+        worker=flags.DEFINE_string("worker", "", "Internal: MODEL:VARIANT:PAIRS, a --compare worker on stdin/stdout."),
+    )
 
 
 def run_case(name, min_steps, min_seconds, warmup, teacher_onnx):
@@ -125,7 +137,7 @@ def run_case(name, min_steps, min_seconds, warmup, teacher_onnx):
 
 def skip_reason(variant, cpu_flags):
     """Why a variant is not run on this CPU, or None."""
-    if VARIANTS[variant][2] == "mixed_bfloat16" and "avx512_bf16" not in cpu_flags:
+    if VARIANTS[variant][3] == "mixed_bfloat16" and "avx512_bf16" not in cpu_flags:
         # Without AVX512_BF16 (or AMX) bfloat16 math is emulated through float32: slower, not faster.
         return "the CPU has no AVX512_BF16 flag (bfloat16 would be emulated in float32)"
     return None
@@ -136,13 +148,15 @@ def _xcos_step(model, variant, pairs):
     model and optimizers (one device), fed one synthetic batch over and over (no input cost)."""
     import keras
 
-    from xcos_tf.layers import batch_norm
+    from xcos_tf.layers import batch_norm, prelu
     from xcos_tf.training import config as train_config, factory, inputs, loop
 
-    fused, jit_compile, precision = VARIANTS[variant]
+    fused, custom_prelu, jit_compile, precision = VARIANTS[variant]
+    # The steps before issue 17's changes, in this process only: set before the model is built.
     if not fused:
-        # The step before issue 17: every BatchNormalization on Keras' own ops. This process only.
         batch_norm.BatchNormalization.call = keras.layers.BatchNormalization.call
+    if not custom_prelu:
+        prelu.PReLU.call = keras.layers.PReLU.call
     keras.mixed_precision.set_global_policy("float32" if precision == "none" else precision)  # as loop.train does
     config = train_config.TrainConfig(
         model_dir="unused", data="synthetic", num_classes=1000, backbone=model, batch_size=pairs,
@@ -268,20 +282,20 @@ class _Worker:
 def compare_table(model, workers, baseline_label, reference_label=None):
     """Markdown rows of one model's variants with their ratios to the baseline (and reference)."""
     done = {w.label: w.totals() for w in workers if w.rounds}
-    header = "| model | variant | images/step | images/s (wall) | images per CPU-second (per round) | vs " + baseline_label
-    header += f" | vs {reference_label} |" if reference_label in done else " |"
+    ratio_labels = [label for label in (baseline_label, reference_label) if label in done]
+    header = "| model | variant | images/step | images/s (wall) | images per CPU-second (per round) |"
+    header += "".join(f" vs {label} |" for label in ratio_labels)
     rows = [header, "|" + "---|" * (header.count("|") - 1)]
     for w in workers:
         if w.label not in done:
-            rows.append(f"| {model} | {w.label} | {w.images_per_step} | failed | | |" + (" |" if reference_label in done else ""))
+            rows.append(f"| {model} | {w.label} | {w.images_per_step} | failed | |" + " |" * len(ratio_labels))
             continue
         t = done[w.label]
         per_round = ", ".join(f"{x:.1f}" for x in t["per_round"])
         row = (f"| {model} | {w.label} | {w.images_per_step} | {t['images_per_second']:.1f} | "
                f"{t['images_per_cpu_second']:.1f} ({per_round}) |")
-        for other in (baseline_label, reference_label):
-            if other in done:
-                row += f" {t['images_per_cpu_second'] / done[other]['images_per_cpu_second']:.2f}x |"
+        for other in ratio_labels:
+            row += f" {t['images_per_cpu_second'] / done[other]['images_per_cpu_second']:.2f}x |"
         rows.append(row)
     return rows
 
@@ -333,12 +347,12 @@ def run_compare(models, variants, pairs, rounds, round_seconds, warmup, keras_in
 
 def _compare_pairs(overrides):
     """--pairs_per_step MODEL=N entries over COMPARE_PAIRS; a bad entry, model or variant is a `cli.UserError`."""
-    for name, values, valid in (("models", _MODELS.value, COMPARE_PAIRS), ("variants", _VARIANTS.value, VARIANTS)):
+    for name, values, valid in (("models", _ARGS.models.value, COMPARE_PAIRS), ("variants", _ARGS.variants.value, VARIANTS)):
         unknown = sorted(set(values) - set(valid))
         if unknown or not values:
             raise cli.UserError(f"--{name}: unknown or none {unknown}; valid: {', '.join(valid)}")
-    if _KERAS_INSIGHTFACE.value and not os.path.isfile(os.path.join(_KERAS_INSIGHTFACE.value, "models.py")):
-        raise cli.UserError(f"--keras_insightface_dir: no models.py in {_KERAS_INSIGHTFACE.value!r} (a Keras_insightface checkout)")
+    if _ARGS.keras_insightface.value and not os.path.isfile(os.path.join(_ARGS.keras_insightface.value, "models.py")):
+        raise cli.UserError(f"--keras_insightface_dir: no models.py in {_ARGS.keras_insightface.value!r} (a Keras_insightface checkout)")
     pairs = dict(COMPARE_PAIRS)
     for entry in overrides:
         model, _, count = entry.partition("=")
@@ -350,28 +364,29 @@ def _compare_pairs(overrides):
 
 def main(argv):
     del argv
-    if _WORKER.value:
-        run_worker(_WORKER.value, _WARMUP.value)
+    if _ARGS.worker.value:
+        run_worker(_ARGS.worker.value, _ARGS.warmup.value)
         return
-    if _COMPARE.value:
-        run_compare(_MODELS.value, _VARIANTS.value, _compare_pairs(_PAIRS.value), _ROUNDS.value, _ROUND_SECONDS.value,
-                    _WARMUP.value, _KERAS_INSIGHTFACE.value)
+    if _ARGS.compare.value:
+        run_compare(_ARGS.models.value, _ARGS.variants.value, _compare_pairs(_ARGS.pairs.value), _ARGS.rounds.value, _ARGS.round_seconds.value,
+                    _ARGS.warmup.value, _ARGS.keras_insightface.value)
         return
-    if _RUN_CASE.value:
-        print("RESULT " + json.dumps(run_case(_RUN_CASE.value, _MIN_STEPS.value, _SECONDS.value, _WARMUP.value, _TEACHER.value)))
+    if _ARGS.run_case.value:
+        print("RESULT " + json.dumps(run_case(_ARGS.run_case.value, _ARGS.min_steps.value, _ARGS.seconds.value, _ARGS.warmup.value, _ARGS.teacher.value)))
         return
-    unknown = set(_CASES.value) - set(CASES)
+    unknown = set(_ARGS.cases.value) - set(CASES)
     if unknown:
         raise cli.UserError(f"--cases: unknown {sorted(unknown)}; valid: {', '.join(CASES)}")
     import tensorflow as tf
 
-    print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+    cpu_model, _ = cpu_info()
+    print(f"machine: {cpu_model}, {os.cpu_count()} CPUs, {platform.platform()}, "
           f"load average {os.getloadavg()[0]:.1f} at start")
     print(f"python {platform.python_version()}, tensorflow {tf.__version__}")
     results = []
-    for name in _CASES.value:
-        command = [sys.executable, os.path.abspath(__file__), f"--run_case={name}", f"--min_steps={_MIN_STEPS.value}", f"--seconds={_SECONDS.value}",
-                   f"--warmup={_WARMUP.value}", f"--teacher_onnx={_TEACHER.value}"]
+    for name in _ARGS.cases.value:
+        command = [sys.executable, os.path.abspath(__file__), f"--run_case={name}", f"--min_steps={_ARGS.min_steps.value}", f"--seconds={_ARGS.seconds.value}",
+                   f"--warmup={_ARGS.warmup.value}", f"--teacher_onnx={_ARGS.teacher.value}"]
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
                    PYTHONPATH=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
         output = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -400,4 +415,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _ARGS = define_flags()
     cli.run(main)
