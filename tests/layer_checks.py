@@ -82,3 +82,31 @@ def check_every_weight_learns(layer, inputs, call_kwargs=None, steps=LEARNING_ST
             return
     dead = [path for path, has_learned in learned.items() if not has_learned]
     raise AssertionError(f"only zero gradients in {steps} steps for {dead}")
+
+
+def trained_conv_twins(make_layers, batches, jit_compile, use_bias=True):
+    """conv -> layer models, one per factory in `make_layers` (e.g. Keras' layer and ours), with
+    equal starting weights, each after one SGD step (momentum 0.9) per batch in `batches`, with
+    or without XLA: the drop-in layers' tests compare the models' weights afterwards."""
+    import tensorflow as tf
+
+    models = []
+    for make_layer in make_layers:
+        keras.utils.set_random_seed(0)
+        image = keras.Input(batches[0].shape[1:])
+        x = keras.layers.Conv2D(6, 3, use_bias=use_bias)(image)
+        models.append(keras.Model(image, make_layer()(x)))
+    for model in models[1:]:
+        model.set_weights(models[0].get_weights())
+    for model in models:
+        optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
+
+        @tf.function(jit_compile=jit_compile)
+        def step(x, model=model, optimizer=optimizer):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(model(x, training=True) - 0.5))
+            optimizer.apply(tape.gradient(loss, model.trainable_weights), model.trainable_weights)
+
+        for batch in batches:
+            step(tf.constant(batch))
+    return models

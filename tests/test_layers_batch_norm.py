@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.layer_checks import run_layer_check
+from tests.layer_checks import run_layer_check, trained_conv_twins
 from xcos_tf.layers import BatchNormalization
 
 # The two layers' settings as the backbones and heads use them (PyTorch's epsilon and momentum).
@@ -84,24 +84,10 @@ def test_training_steps_match_keras_in_weights_and_moving_statistics(jit_compile
     """Five SGD steps of conv -> BN on changing batches: every weight agrees to 1e-5."""
     rng = np.random.default_rng(3)
     batches = [rng.normal(1.0, 2.0, (4, 9, 9, 3)).astype("float32") for _ in range(5)]
-    models = []
-    for bn_class in (keras.layers.BatchNormalization, BatchNormalization):
-        keras.utils.set_random_seed(0)
-        image = keras.Input((9, 9, 3))
-        x = keras.layers.Conv2D(6, 3, use_bias=False)(image)
-        models.append(keras.Model(image, bn_class(**BN_KWARGS)(x)))
-    models[1].set_weights(models[0].get_weights())
-    for model in models:
-        optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
-
-        @tf.function(jit_compile=jit_compile)
-        def step(x, model=model, optimizer=optimizer):
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_mean(tf.square(model(x, training=True) - 0.5))
-            optimizer.apply(tape.gradient(loss, model.trainable_weights), model.trainable_weights)
-
-        for batch in batches:
-            step(tf.constant(batch))
+    models = trained_conv_twins(
+        [lambda: keras.layers.BatchNormalization(**BN_KWARGS), lambda: BatchNormalization(**BN_KWARGS)],
+        batches, jit_compile, use_bias=False,
+    )
     bn_weights = [w.name for w in models[0].layers[-1].weights]
     assert bn_weights == ["gamma", "beta", "moving_mean", "moving_variance"]
     for expected, got in zip(models[0].weights, models[1].weights):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.layer_checks import run_layer_check
+from tests.layer_checks import run_layer_check, trained_conv_twins
 from xcos_tf.layers import PReLU
 
 
@@ -89,24 +89,12 @@ def test_training_steps_match_keras(jit_compile):
     """Five SGD steps of conv -> PReLU on changing batches: every weight agrees to 1e-6."""
     rng = np.random.default_rng(3)
     batches = [rng.normal(0.0, 2.0, (4, 9, 9, 3)).astype("float32") for _ in range(5)]
-    models = []
-    for prelu_class in (keras.layers.PReLU, PReLU):
-        keras.utils.set_random_seed(0)
-        image = keras.Input((9, 9, 3))
-        x = keras.layers.Conv2D(6, 3)(image)
-        models.append(keras.Model(image, prelu_class(shared_axes=[1, 2], alpha_initializer=keras.initializers.Constant(0.25))(x)))
-    models[1].set_weights(models[0].get_weights())
-    for model in models:
-        optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
-
-        @tf.function(jit_compile=jit_compile)
-        def step(x, model=model, optimizer=optimizer):
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_mean(tf.square(model(x, training=True) - 0.5))
-            optimizer.apply(tape.gradient(loss, model.trainable_weights), model.trainable_weights)
-
-        for batch in batches:
-            step(tf.constant(batch))
+    slope = keras.initializers.Constant(0.25)
+    models = trained_conv_twins(
+        [lambda: keras.layers.PReLU(shared_axes=[1, 2], alpha_initializer=slope),
+         lambda: PReLU(shared_axes=[1, 2], alpha_initializer=slope)],
+        batches, jit_compile,
+    )
     for expected, got in zip(models[0].weights, models[1].weights):
         np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-6, rtol=1e-6, err_msg=expected.path)
     assert np.abs(models[1].layers[-1].alpha.numpy() - 0.25).max() > 1e-3  # the slopes were trained
