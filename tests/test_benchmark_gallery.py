@@ -59,5 +59,6 @@ def test_small_run_prints_the_machine_the_command_and_both_parts(shared_dir, tmp
     grid_shape = json.loads((REPO_ROOT / "exported" / "default" / "manifest.json").read_text())["model"]["grid_shape"]
     assert f"grids {2 * int(np.prod(grid_shape)):,} B" in out  # float16 on disk
     rows = [line.split() for line in out.splitlines() if line.split()[:1] == ["300"]]
-    assert [row[1] for row in rows] == ["flat", "sq8", "brute"]
+    # written, opened, then searched through each FAISS index and by brute force
+    assert [row[1] for row in rows] == ["entries", "opened", "flat", "sq8", "brute"]
     assert list((tmp_path / "scale").iterdir()) == []  # each size's index is removed
