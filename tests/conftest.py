@@ -5,6 +5,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402
 from common_testing import SHARED_DIR, tiny_backbone  # noqa: E402
+from training_testing import write_tiny_training_data  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +19,9 @@ def shared_dir():
 @pytest.fixture
 def make_tiny_backbone():
     return tiny_backbone
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Tiny face shards and evaluation pairs for training tests (`write_tiny_training_data`)."""
+    return write_tiny_training_data(tmp_path_factory.mktemp("data"))

@@ -16,7 +16,8 @@ import onnx
 import pytest
 
 import tiny_onnx_tails
-from test_train_positionwise import IMAGE_SHAPE, _training_faces, tiny_face_model_112
+from tiny_onnx_tails import FACE_SHAPE as IMAGE_SHAPE, tiny_face_model_112
+from training_testing import shard_faces_and_mirrors
 from xcos_tf import backbones
 from xcos_tf.data import align, features, records
 
@@ -68,7 +69,7 @@ def data(tmp_path_factory):
                                    image_shape=IMAGE_SHAPE, embedding_dim=tiny_onnx_tails.EMBEDDING)
     # The tail is linear: the sum of the head's per-cell centres is the mean embedding of the
     # centring faces (every training face and its mirror image with --centre_faces=24).
-    (embeddings,) = tiny_onnx_tails.run_onnx(model, _training_faces(root / "faces"))
+    (embeddings,) = tiny_onnx_tails.run_onnx(model, shard_faces_and_mirrors(root / "faces"))
     _write_pair_shards(root / "pairs", model, embeddings.mean(axis=0))
     return root
 

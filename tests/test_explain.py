@@ -182,37 +182,14 @@ def test_explain_photos_on_raw_photos_and_crops(shared_dir, tiny_runtime, aligne
     np.testing.assert_allclose(np.sum(restored["contribution_map"]), result["score"], atol=1e-4)
 
 
-class DecomposingRuntime:
-    """A stub of an export with a `decompose` signature: the tiny runtime plus fixed contributions."""
-
-    CONTRIBUTIONS = np.linspace(-0.01, 0.02, 49, dtype=np.float32).reshape(1, 7, 7)
-    BIAS = 0.07
-
-    def __init__(self, runtime):
-        self._runtime = runtime
-        self.threshold, self.manifest = runtime.threshold, runtime.manifest
-        self.calls = []
-
-    def verify(self, image_a, image_b):
-        return self._runtime.verify(image_a, image_b)
-
-    def embed(self, image):
-        return self._runtime.embed(image)
-
-    def decompose(self, image_a, image_b):
-        self.calls.append((image_a.shape, image_b.shape))
-        score = self.CONTRIBUTIONS.sum(axis=(1, 2)) + self.BIAS
-        return {"score": score, "contribution_map": self.CONTRIBUTIONS, "bias": np.array([self.BIAS], np.float32)}
-
-
 def test_each_method_gives_a_contribution_map(tiny_runtime):
     faces = tiny_verifiers.smooth_faces(2, seed=5)
-    decomposing = DecomposingRuntime(tiny_runtime)
+    decomposing = tiny_verifiers.DecomposingRuntime(tiny_runtime)
     result = explain.explain_faces(faces[0], faces[1], decomposing, methods=list(explain.METHODS))
     assert list(result["methods"]) == ["xcos", "decomposition", "gradcam"]
     decomposition = result["methods"]["decomposition"]
     assert decomposing.calls == [((1, 112, 112, 3), (1, 112, 112, 3))]
-    np.testing.assert_array_equal(decomposition["contribution_map"], DecomposingRuntime.CONTRIBUTIONS[0])
+    np.testing.assert_array_equal(decomposition["contribution_map"], tiny_verifiers.DecomposingRuntime.CONTRIBUTIONS[0])
     assert decomposition["explained_score"] == pytest.approx(decomposition["contribution_map"].sum() + 0.07, abs=1e-6)
     # Grad-CAM is the library's, on the grids that the runtime's embed gives.
     grids = tiny_runtime.embed(faces.astype(np.float32))["grid"]
@@ -236,7 +213,7 @@ def test_decomposition_needs_a_decompose_signature(tiny_runtime):
     with pytest.raises(ValueError, match="must be some of"):
         explain.explain_faces(faces[0], faces[1], tiny_runtime, methods=["lime"])
     # A runtime whose manifest lists its signatures has the method only when decompose is listed.
-    listed = DecomposingRuntime(tiny_runtime)
+    listed = tiny_verifiers.DecomposingRuntime(tiny_runtime)
     listed.manifest = {"signatures": {"verify": {}, "embed": {}, "compare": {}}}
     assert not explain.method_available(listed, "decomposition")
     listed.manifest["signatures"]["decompose"] = {}
@@ -349,7 +326,7 @@ def test_cli_methods(shared_dir, capsys, monkeypatch, tiny_runtime):
     printed = json.loads(printed)
     assert list(printed["methods"]) == ["xcos", "gradcam"]
     assert "no decomposition row: this model folder has no decompose signature" in printed["notes"]
-    monkeypatch.setattr(runtime, "load", lambda model_dir, format: DecomposingRuntime(tiny_runtime))
+    monkeypatch.setattr(runtime, "load", lambda model_dir, format: tiny_verifiers.DecomposingRuntime(tiny_runtime))
     code, printed, err = _main(capsys, *photos, model="tiny", method="decomposition", json=True)
     assert code == 0, err
     printed = json.loads(printed)

@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 import tiny_verifiers
-from test_explain import DecomposingRuntime
 
 from xcos_tf import demo
 
@@ -14,7 +13,7 @@ def tiny_runtime():
 
 def test_the_page_offers_the_methods_the_model_can_run(tiny_runtime):
     assert demo.method_choices(tiny_runtime) == ["xcos", "gradcam", "all"]
-    assert demo.method_choices(DecomposingRuntime(tiny_runtime)) == ["xcos", "decomposition", "gradcam", "all"]
+    assert demo.method_choices(tiny_verifiers.DecomposingRuntime(tiny_runtime)) == ["xcos", "decomposition", "gradcam", "all"]
     page = demo.build_demo(tiny_runtime, aligner=None)
     radios = [block for block in page.blocks.values() if getattr(block, "elem_id", None) == "method"]
     assert len(radios) == 1 and radios[0].value == "xcos"

@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 import tiny_onnx_tails
-from test_train_positionwise import IMAGE_SHAPE, tiny_face_model_112
+from tiny_onnx_tails import FACE_SHAPE as IMAGE_SHAPE, tiny_face_model_112
 from xcos_tf import explain, runtime
 from xcos_tf.export import deployment, export_model
 from xcos_tf.training import config as train_config, factory, run_folder

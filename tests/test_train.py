@@ -16,32 +16,14 @@ import tensorflow as tf
 from absl import flags
 
 from common_testing import REPO_ROOT, TINY_BACKBONE_SPEC
-from training_testing import checkpoint_counters, run_python
-from xcos_tf.training import config as train_config, factory, in_graph_teacher, inputs, loop, run_folder
-from xcos_tf.data import align, pipeline, records
+from training_testing import IMAGE_SHAPE, checkpoint_counters, run_python
+from xcos_tf.training import config as train_config, factory, in_graph_teacher, inputs, run_folder
+from xcos_tf.data import pipeline
 
-IMAGE_SHAPE = (32, 32, 3)
 TIMEOUT = 240
 TINY_BACKBONE = TINY_BACKBONE_SPEC
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """Tiny face shards (4 identities, 32x32) and 20 evaluation pairs in 10 folds."""
-    root = tmp_path_factory.mktemp("data")
-    records.write_synthetic_shards(str(root / "faces"), num_shards=2, records_per_shard=16, num_classes=4,
-                                   image_shape=IMAGE_SHAPE)
-    rng = np.random.default_rng(1)
-
-    def image():
-        return align.encode_image(rng.integers(0, 256, IMAGE_SHAPE, dtype=np.uint8), "png")
-
-    os.makedirs(root / "pairs")
-    records.write_shard(str(root / "pairs" / records.shard_name("pairs", 0)), [
-        records.encode_pair_example(image(), image(), "png", i % 2 == 0, i // 2, "a", "b", "a.png", "b.png")
-        for i in range(20)
-    ])
-    return root
 
 
 def tiny_config(model_dir, data_dir, **overrides):

@@ -10,19 +10,18 @@ import keras
 import numpy as np
 import onnx
 import pytest
-import tensorflow as tf
 
 import export_testing
 import tiny_onnx_tails
-from training_testing import train_on_batch
+from training_testing import shard_faces_and_mirrors, train_on_batch
 from xcos_tf import backbones, layers, runtime
 from xcos_tf import model as xcos_model
-from xcos_tf.data import features, records
+from xcos_tf.data import records
 from xcos_tf.training import config as train_config, factory, loop, run_folder
 
 # 112x112 faces (the feature cache and the export take no other size), a 4x4 max pooling, then
 # tiny_onnx_tails' 28x28 -> 4x4x16 body and GDConv tail to a 10-d embedding.
-IMAGE_SHAPE = (112, 112, 3)
+IMAGE_SHAPE = tiny_onnx_tails.FACE_SHAPE
 CELLS = 16
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]  # where `python -m xcos_tf.export` runs
 
@@ -55,16 +54,6 @@ def _config(tmp_path, onnx_path, shards, **overrides):
     return train_config.TrainConfig(**values)
 
 
-def _training_faces(shards):
-    """Every training face and its mirror image, float32 RGB 0..255, in any order."""
-    images = []
-    for path in sorted(shards.glob("*.tfrecord")):
-        for serialized in tf.data.TFRecordDataset(str(path)):
-            image = tf.io.decode_image(records.decode_face(serialized)["image_encoded"], channels=3)
-            images += [image, tf.image.flip_left_right(image)]
-    return np.stack([np.asarray(image, "float32") for image in images])
-
-
 def _expected_centre(onnx_path, faces):
     """Each cell's mean partial embedding (plus its share of the bias) under the ONNX tail."""
     tail = backbones.read_linear_tail(str(onnx_path), input_shape=IMAGE_SHAPE)
@@ -77,13 +66,13 @@ def _load(path):
     return keras.saving.load_model(path, compile=False)
 
 
-def test_fresh_head_is_the_teacher_tail_centred_on_the_training_faces(tmp_path, onnx_path, shards):
+def test_fresh_head_is_the_teacher_tail_centred_on_theshard_faces_and_mirrors(tmp_path, onnx_path, shards):
     config = _config(tmp_path, onnx_path, shards, cache_backbone_features=False, context_init=0.0)
     config.validate()
     trainer = factory.build_model(config)
     assert isinstance(trainer.grid_head, layers.PositionwiseGridHead) and trainer.grid_head.channels == tiny_onnx_tails.EMBEDDING
     assert loop.centre_grid_head(config, trainer) == 24  # every face (with its mirror image)
-    faces = _training_faces(shards)
+    faces = shard_faces_and_mirrors(shards)
     np.testing.assert_allclose(np.asarray(trainer.grid_head.centre), _expected_centre(onnx_path, faces), atol=1e-4)
     # The grid's cells sum to the ONNX model's embedding minus the centre's sum.
     pixels = np.random.default_rng(0).uniform(0, 255, (3, *IMAGE_SHAPE)).astype("float32")
@@ -101,7 +90,7 @@ def test_cached_run_centres_before_step_1_trains_resumes_and_round_trips(tmp_pat
     assert first.get_config()["grid_head"] == "positionwise" and first.get_config()["attention_prior"]
     centre = np.asarray(first.grid_head.centre)
     # Centred from the cached float16 maps with the tail's kernel, before any step changed it.
-    np.testing.assert_allclose(centre, _expected_centre(onnx_path, _training_faces(shards)), atol=2e-2)
+    np.testing.assert_allclose(centre, _expected_centre(onnx_path, shard_faces_and_mirrors(shards)), atol=2e-2)
     tail = backbones.read_linear_tail(str(onnx_path), input_shape=IMAGE_SHAPE)
     assert not np.allclose(np.asarray(first.grid_head.kernel), tail.cell_weights)  # the head trained
 

@@ -11,13 +11,12 @@ import pytest
 from onnx import TensorProto, helper
 
 from common_testing import TINY_BACKBONE_SPEC
-from test_train import IMAGE_SHAPE, data_dir  # noqa: F401 (a fixture: the same tiny shards)
-from training_testing import run_python
+from training_testing import IMAGE_SHAPE, run_python
 from xcos_tf.training import config as train_config, loop, run_folder
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, data_dir):  # noqa: F811 (the imported fixture)
+def files(tmp_path_factory, data_dir):
     """test_train's face and pair shards, a file, and model files that must be refused."""
     root = tmp_path_factory.mktemp("start_errors")
     for name in ("faces", "pairs"):

@@ -122,6 +122,9 @@ def tiny_face_model(tail="gdconv", nonlinear=None, seed=0):
     return model
 
 
+FACE_SHAPE = (112, 112, 3)  # the faces tiny_face_model_112 takes, NHWC
+
+
 def tiny_face_model_112():
     """`tiny_face_model("gdconv")` on 112x112 faces (those the feature cache and the export take):
     a 4x4 max pooling first, then the 28x28 -> 4x4x16 body and the GDConv tail."""

@@ -1,5 +1,6 @@
 """Tiny in-memory verifiers with the runtime's interface, for the explain and evaluate tests
-(`StubDecompose` adds a `decompose` of the export's interface).
+(`StubDecompose` adds a `decompose` of the export's interface, exact on the patch verifier;
+`DecomposingRuntime` a fixed one over any runtime).
 
 The learned-attention model is the export tests' `export_testing.tiny_trainer`.
 
@@ -81,3 +82,26 @@ class StubDecompose(KerasRuntime):
         contribution_map = np.sum(grid_a * grid_b, axis=-1) / norms[:, None, None]
         return {"score": contribution_map.sum(axis=(1, 2)), "contribution_map": contribution_map,
                 "bias": np.zeros(len(grid_a), np.float32)}
+
+
+class DecomposingRuntime:
+    """A stub of an export with a `decompose` signature: the tiny runtime plus fixed contributions."""
+
+    CONTRIBUTIONS = np.linspace(-0.01, 0.02, 49, dtype=np.float32).reshape(1, 7, 7)
+    BIAS = 0.07
+
+    def __init__(self, runtime):
+        self._runtime = runtime
+        self.threshold, self.manifest = runtime.threshold, runtime.manifest
+        self.calls = []
+
+    def verify(self, image_a, image_b):
+        return self._runtime.verify(image_a, image_b)
+
+    def embed(self, image):
+        return self._runtime.embed(image)
+
+    def decompose(self, image_a, image_b):
+        self.calls.append((image_a.shape, image_b.shape))
+        score = self.CONTRIBUTIONS.sum(axis=(1, 2)) + self.BIAS
+        return {"score": score, "contribution_map": self.CONTRIBUTIONS, "bias": np.array([self.BIAS], np.float32)}
