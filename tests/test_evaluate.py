@@ -205,7 +205,7 @@ def test_pair_shards_load_as_a_pair_set(tmp_path):
     np.testing.assert_allclose(loaded.teacher_cos, expected_cos, atol=1e-5)
     assert loaded.teacher_cos_note == ""  # PNG faces: the stored cosines saw the same pixels
     _write_pair_shards(tmp_path / "jpeg", pairs, image_format="jpeg")
-    assert "as JPEG" in evaluate.load_pairs(tmp_path / "jpeg", evaluate.DEFAULT_DETECTOR).teacher_cos_note
+    assert "as JPEG" in evaluate.load_pairs(tmp_path / "jpeg", paths.DEFAULT_DETECTOR).teacher_cos_note
 
 
 def test_spread_subset_covers_every_fold():
