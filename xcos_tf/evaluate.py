@@ -49,7 +49,6 @@ def fewer_folds_warning(folds):
             "each threshold is chosen on fewer pairs and the accuracy is not comparable with 10-fold figures")
 
 
-
 @dataclasses.dataclass
 class PairSet:
     """Evaluation pairs over a set of aligned faces.
