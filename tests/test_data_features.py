@@ -90,6 +90,13 @@ def test_cache_is_cut_at_every_source_shard_end():
     assert features.shard_ends([12, 12], records_per_shard=5) == [5, 10, 12, 17, 22, 24]
 
 
+def _cached_maps(cache):
+    import tensorflow as tf
+
+    files, parse = features.cached_face_maps([str(cache)])
+    return np.stack([parse(record).numpy() for record in tf.data.TFRecordDataset(files)])
+
+
 def test_a_killed_writer_resumes_from_the_staging_folder(tmp_path, backbone, monkeypatch):
     shards = records.write_synthetic_shards(tmp_path / "faces", num_shards=3, records_per_shard=4, num_classes=2)
     expected = features.write_feature_shards(backbone, shards, tmp_path / "fresh", batch_size=5, progress=False)
@@ -112,7 +119,14 @@ def test_a_killed_writer_resumes_from_the_staging_folder(tmp_path, backbone, mon
     assert records.read_manifest(features.staging_dir(cache))["num_records"] == 8
     monkeypatch.setattr(records, "write_shard", real_write_shard)
     resumed = features.write_feature_shards(backbone, shards, cache, batch_size=5, progress=False)
-    assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in expected["shards"]]
+    # The two files written before the kill are kept as they are; the third is computed in
+    # other batches than in the fresh run (records 8-11 at once instead of 8-9 with 5-7 and
+    # 10-11 alone), and the convolution kernels for another batch size may round the last bit
+    # differently, which float16 storage can turn into another byte: its maps must agree to
+    # float16 precision.
+    assert [s["sha256"] for s in resumed["shards"][:2]] == [s["sha256"] for s in expected["shards"][:2]]
+    assert [s["records"] for s in resumed["shards"]] == [4, 4, 4]
+    np.testing.assert_allclose(_cached_maps(cache), _cached_maps(tmp_path / "fresh"), rtol=2e-3, atol=2e-3)
     assert sorted(p.name for p in cache.iterdir()) == [s["file"] for s in resumed["shards"]] + ["manifest.json"]
     assert not os.path.exists(features.staging_dir(cache))
 
