@@ -17,8 +17,8 @@ on the synthetic source (no input cost): warm-up steps, then timed steps until b
     python tools/benchmark_training.py --seconds=60 --cases=mobilefacenet/default
 
 `--compare` instead times variants of one training step side by side (issue 17): Keras'
-BatchNormalization and PReLU (the step before issue 17), the fused BN, fused BN + the PReLU
-with its hand-written gradient (today's step), that + XLA and that + bfloat16 mixed
+BatchNormalization and PReLU (the step before issue 17), the fused BN, Keras' BN + the PReLU
+with its hand-written gradient, fused BN + that PReLU (today's step), that + XLA and that + bfloat16 mixed
 precision (only on a CPU with AVX512_BF16), and with `--keras_insightface_dir`
 (a checkout of leondgarse/Keras_insightface; needs tf_keras) its MobileFaceNet + NormDense +
 ArcFace step under Keras 2. Every variant is a worker process of its own (settings such as the
@@ -64,6 +64,7 @@ COMPARE_PAIRS = {"mobilefacenet": 16, "ir_se50": 2}
 VARIANTS = {
     "keras_bn": (False, False, False, "none"),
     "fused_bn": (True, False, False, "none"),
+    "keras_bn+prelu": (False, True, False, "none"),
     "fused_bn+prelu": (True, True, False, "none"),
     "fused_bn+prelu+xla": (True, True, True, "none"),
     "fused_bn+prelu+bf16": (True, True, False, "mixed_bfloat16"),

@@ -5,7 +5,7 @@ autodiff turns them into about ten backward (two `ReluGrad`s, negations, product
 broadcasts). Issue 17's profile of a MobileFaceNet training step found the PReLUs taking
 as much CPU time as all the convolutions together. The same function with its gradient
 written out (`dx = dy` where `x > 0`, else `dy * alpha`; `dalpha = sum(dy * min(x, 0))`
-over the shared axes) made the whole step about 1.09x as fast per CPU-second, side by side
+over the shared axes) made the whole step 1.06x-1.18x as fast per CPU-second in three idle side-by-side runs
 (docs/training.md, "Fused batch normalization, XLA and bfloat16").
 
 Inference is left to the parent's ops, so SavedModel, TFLite (its PRELU pattern) and ONNX
