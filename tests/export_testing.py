@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from common_testing import SHARED_DIR, tiny_backbone  # noqa: F401 (REPO_ROOT is re-exported)
+from common_testing import SHARED_DIR, tiny_backbone
 from xcos_tf import export
 from xcos_tf import model as xcos_model
 

@@ -11,7 +11,7 @@ import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 
 import export_testing
-from export_testing import REPO_ROOT
+from common_testing import REPO_ROOT
 from xcos_tf import export
 from xcos_tf.export import manifest as export_manifest
 from xcos_tf.export import onnx as export_onnx

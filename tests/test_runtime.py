@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import export_testing
-from export_testing import REPO_ROOT
+from common_testing import REPO_ROOT
 from xcos_tf import runtime
 
 
