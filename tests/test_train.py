@@ -122,7 +122,9 @@ def test_kill_and_resume_continues_from_the_saved_step(tmp_path):
         first.kill()
         first.wait()
     saved_step, _ = checkpoint_counters(model_dir)
-    assert 20 <= saved_step < 150
+    # The kill can land after ckpt-20's files but before the checkpoint state file names it:
+    # then ckpt-10 is the last complete checkpoint, and resuming from it is right.
+    assert 10 <= saved_step < 150
 
     second = run_python(command)
     assert second.returncode == 0, second.stderr[-3000:]
