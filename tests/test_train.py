@@ -259,20 +259,25 @@ def test_init_backbone_from_the_onnx_teacher(tmp_path, data_dir, shared_dir):
     assert tuple(backbone.output_shape[1:]) == (7, 7, 512)
 
 
+def _parsed_flags(flagfile):
+    flag_values = train_config.define_flags(flags.FlagValues())
+    flag_values(["xcos_tf.train", f"--flagfile={flagfile}"])
+    return flag_values
+
+
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(os.path.dirname(train_config.__file__), "..", "configs"))))
 def test_shipped_flagfiles_parse_and_hold_a_consistent_config(name):
     """Every flag in xcos_tf/configs is a flag of xcos_tf.train, and the combinations pass the
     checks that do not look at files (those paths exist only after the data commands)."""
     path = os.path.join(os.path.dirname(train_config.__file__), "..", "configs", name)
-    flag_values = train_config.define_flags(flags.FlagValues())
-    flag_values(["xcos_tf.train", f"--flagfile={path}"])
-    config = train_config.TrainConfig.from_flags(flag_values)
+    config = train_config.TrainConfig.from_flags(_parsed_flags(path))
     assert config.train_shards and config.model_dir and config.train_steps > 0
     # validate() without the data: globs and the pretrained file are checked elsewhere.
     # (An onnx: --init_backbone keeps its kind, pointing at an existing file: --grid_init=teacher_tail needs one.)
     init_backbone = "onnx:" + path if config.init_backbone.startswith("onnx:") else ""
     checked = dataclasses.replace(config, train_shards=(), data="synthetic", num_classes=max(config.num_classes, 2),
-                                  eval_pairs=(), init_backbone=init_backbone, init_from="", cache_backbone_features=False)
+                                  eval_pairs=(), init_backbone=init_backbone, init_from="", cache_backbone_features=False,
+                                  occlusion_fraction=0.0, occlusion_weight=0.0)  # occlusion needs the caches
     checked.validate()
     if name == "local_mobilefacenet.flags":  # the shipped default model's recipe
         assert config.init_backbone.startswith("onnx:") and config.freeze_backbone and config.cache_backbone_features
@@ -282,3 +287,10 @@ def test_shipped_flagfiles_parse_and_hold_a_consistent_config(name):
         assert config.init_from.endswith("best.keras") and not config.freeze_backbone
         assert not config.cache_backbone_features and 0 < config.backbone_lr_multiplier < 1
         assert config.init_backbone.startswith("onnx:") and config.ce_weight == 0 and config.grid_head == "positionwise"
+    if name == "local_mobilefacenet_occlusion.flags":  # the shipped model's stage 2: stage 1's run, occluded pairs
+        stage_1 = train_config.TrainConfig.from_flags(
+            _parsed_flags(os.path.join(os.path.dirname(path), "local_mobilefacenet.flags")))
+        assert config.init_from == os.path.join(stage_1.model_dir, "best.keras")
+        assert config.occlusion_fraction > 0 and config.occlusion_weight > 0 and not config.freeze_grid_head
+        assert config.cache_backbone_features and config.freeze_backbone and config.attention_learning_rate == 0
+        assert config.feature_cache_dir != stage_1.feature_cache_dir  # the occluded caches replace the clean ones
